@@ -1,0 +1,21 @@
+# The two commands a newcomer needs:  make run   (default experiment)   make test   (all tests)
+PYTHON ?= python
+.PHONY: setup run test test-fast tinyworld
+
+setup: .cnexp-setup
+.cnexp-setup: pyproject.toml
+	$(PYTHON) -m pip install -q -e '.[dev]'
+	$(PYTHON) -c "import controlnet_aux, diffusers, lightning, hydra"  # fail early on a broken install
+	touch $@
+
+run: setup
+	$(PYTHON) run.py $(ARGS)
+
+test: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+
+test-fast: setup
+	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow"
+
+tinyworld: setup  # rebuild the shipped tiny base from scratch (~30 min on 2 CPU cores)
+	$(PYTHON) -m cnexp.tinyworld.build --out assets/tinyworld

@@ -1,0 +1,56 @@
+"""Shared fixtures: composed configs and the shipped tiny-world bundle."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from cnexp.config import register_configs
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "assets" / "tinyworld"
+
+register_configs()
+
+
+def compose_cfg(overrides: list[str] | None = None, out_dir: Path | None = None) -> DictConfig:
+    """Compose conf/train.yaml as `python run.py <overrides>` would, without running Hydra's app."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"paths.root={ROOT}", *(overrides or [])],
+                      return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(out_dir or ROOT / "outputs" / "test")
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tmp_path_factory) -> DictConfig:
+    """The default config, shrunk for tests: small data, few eval images, no W&B."""
+    data_root = tmp_path_factory.mktemp("tinyworld-data")
+    return compose_cfg(["data.train_size=64", "data.val_size=16", "data.test_size=16",
+                        f"data.root={data_root}", "data.batch_size=4", "data.eval_size=4",
+                        "sampling.steps=4", "logger.mode=disabled", "logger.csv=false"],
+                       out_dir=tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_cfg):
+    from cnexp.base import load_base
+
+    return load_base(tiny_cfg.base)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_cfg):
+    from cnexp.data.datamodule import TriplesDataModule
+
+    data = TriplesDataModule(tiny_cfg.data)
+    data.prepare_data()
+    data.setup()
+    return data
+
+
+def resolved(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
