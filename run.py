@@ -1,25 +1,47 @@
-"""cnexp entry point: `python run.py [+ablation=NAME] [key=value ...]` (see conf/train.yaml)."""
+"""cnexp entry point: `python run.py [+ablation=NAME] [key=value ...]` (see conf/train.yaml).
+
+Every job records its outcome in its directory (status.json, and error.txt if it failed); in a
+multirun a failing job does not stop the others (cnexp/sweep.py).
+"""
 import logging
 import sys
+import time
+from pathlib import Path
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from cnexp.config import register_configs
 from cnexp.errors import CnexpError
+from cnexp.sweep import in_multirun, machine_info, record_failure, split_threads, write_status
 
 register_configs()
+log = logging.getLogger("cnexp")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from cnexp.train import train  # heavy imports after Hydra has parsed the command line
-
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    split_threads()
+    started = time.time()
+    write_status(out_dir, "running")
     try:
+        from cnexp.train import train  # heavy imports after Hydra has parsed the command line
+
         train(cfg)
-    except CnexpError as err:  # a user-fixable problem: the message, not a traceback
-        logging.getLogger("cnexp").error("%s", err)
-        sys.exit(2)
+    except Exception as err:  # recorded in the job's directory, then reported
+        record_failure(out_dir, err)
+        user_error = isinstance(err, CnexpError)  # a user-fixable problem: the message suffices
+        if in_multirun():  # the other jobs go on; the sweep summary lists this one
+            log.error("job failed: %s (details: %s)", err, out_dir / "error.txt",
+                      exc_info=not user_error)
+            return
+        if user_error:
+            log.error("%s", err)
+            sys.exit(2)
+        raise
+    write_status(out_dir, "ok", seconds=round(time.time() - started, 1), **machine_info())
 
 
 if __name__ == "__main__":

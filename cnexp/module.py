@@ -8,26 +8,31 @@ from diffusers import ControlNetModel
 
 from cnexp.base import BaseBundle
 from cnexp.config import OptimConfig
+from cnexp.control import controlled_prediction
+from cnexp.encode_cache import FrozenEncoderCache
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
 
 class ControlNetModule(L.LightningModule):
     def __init__(self, base: BaseBundle, controlnet: ControlNetModel, optim: OptimConfig,
-                 seed: int = 0):
+                 seed: int = 0, cache: FrozenEncoderCache | None = None):
         super().__init__()
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.controlnet = controlnet
         self.optim = optim
         self.seed = seed
+        self.cache = cache or FrozenEncoderCache(latents=False, text=False)
         self.strict_loading = False  # checkpoints hold only the trainable part (see below)
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The base never changes: storing it in every checkpoint would only cost disk.
+        # The frozen base never changes: storing it in every checkpoint would only cost disk.
+        # (With control.sd_locked=false the UNet decoder trains, so its weights are kept.)
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES)]:
+        trained = {name for name, p in self.named_parameters() if p.requires_grad}
+        for key in [k for k in state if k.startswith(FROZEN_PREFIXES) and k not in trained]:
             del state[key]
 
     def train(self, mode: bool = True):
@@ -36,27 +41,42 @@ class ControlNetModule(L.LightningModule):
             frozen.eval()  # Lightning calls .train() on the whole module each epoch
         return self
 
-    @torch.no_grad()
-    def encode_images(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/f, W/f)."""
-        dist = self.vae.encode(images).latent_dist
-        return dist.sample(generator=generator) * self.vae.config.scaling_factor
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        train_set = getattr(datamodule, "datasets", {}).get("train")
+        if train_set is not None:
+            self.cache.precompute(train_set, self._vae_moments, self._text_encoder, self.device)
 
     @torch.no_grad()
-    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+    def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
+        dist = self.vae.encode(images).latent_dist
+        return torch.cat([dist.mean, dist.std], dim=1)  # (B, 2C, h, w)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor, generator: torch.Generator,
+                      indices: list[int] | None = None) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), a fresh posterior sample
+        (the same draw as `latent_dist.sample(generator)`), from cached moments when possible."""
+        mean, std = self.cache.moments(self._vae_moments, images, indices).chunk(2, dim=1)
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return (mean + std * noise) * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def _text_encoder(self, prompts: list[str]) -> torch.Tensor:
         ids = self.tokenizer(prompts, padding="max_length", truncation=True,
                              max_length=self.tokenizer.model_max_length,
                              return_tensors="pt").input_ids.to(self.device)
         return self.text_encoder(ids)[0]  # (B, T, D)
 
+    def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
+        return self.cache.embeddings(self._text_encoder, prompts)
+
     # ---- the controlled model ---------------------------------------------------------------
     def controlled_unet(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
                         condition: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
-        """Frozen UNet + ControlNet residuals: the model the paper trains."""
-        down, mid = self.controlnet(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
-                                    conditioning_scale=conditioning_scale, return_dict=False)
-        return self.unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                         mid_block_additional_residual=mid).sample
+        """Frozen UNet + control branch (residuals, or the fused XS model): what is trained."""
+        return controlled_prediction(self.unet, self.controlnet, noisy, t, text, condition,
+                                     conditioning_scale)
 
     def step_generator(self) -> torch.Generator:
         """Noise, timesteps and prompt dropout come from (seed, step) alone, so a resumed run
@@ -69,14 +89,26 @@ class ControlNetModule(L.LightningModule):
             self.optim.prompt_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
+    def drop_conditions(self, conditions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Replace each condition by zeros with probability `condition_dropout` (per sample,
+        independent of prompt dropout; Uni-ControlNet's split). At 0 nothing is drawn, so the
+        other random draws of a run do not move."""
+        if not self.optim.condition_dropout:
+            return conditions
+        keep = torch.rand(len(conditions), generator=generator, device=self.device) >= \
+            self.optim.condition_dropout
+        return conditions * keep.to(conditions.dtype).view(-1, 1, 1, 1)
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        latents = self.encode_images(batch["image"], generator)
+        indices = batch["index"].tolist() if "index" in batch else None
+        latents = self.encode_images(batch["image"], generator, indices)
         text = self.encode_prompts(self.drop_prompts(list(batch["caption"]), generator))
         noise = torch.randn(latents.shape, generator=generator, device=self.device)
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
                           generator=generator, device=self.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
-        pred = self.controlled_unet(noisy, t, text, batch["condition"])
+        condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
+        pred = self.controlled_unet(noisy, t, text, condition)
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise
@@ -89,9 +121,17 @@ class ControlNetModule(L.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self.step_generator())
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        if self.cache.hits + self.cache.misses:
+            self.log("perf/cache_hit_rate", self.cache.hits / (self.cache.hits + self.cache.misses))
         return loss
 
     def configure_optimizers(self):
-        params = [p for p in self.controlnet.parameters() if p.requires_grad]
-        return torch.optim.AdamW(params, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
+        """One AdamW group for the control branch; with control.sd_locked=false a second one
+        for the UNet decoder at its own (lower) learning rate."""
+        groups = [{"name": "control", "lr": self.optim.lr,
+                   "params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
+        decoder = [p for p in self.unet.parameters() if p.requires_grad]
+        if decoder:
+            groups.append({"name": "decoder", "lr": self.optim.decoder_lr, "params": decoder})
+        return torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
                                  betas=tuple(self.optim.betas))

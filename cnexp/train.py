@@ -15,9 +15,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
 from cnexp.control import build_controlnet
+from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
-from cnexp.metrics.callbacks import EvaluationCallback
+from cnexp.encode_cache import FrozenEncoderCache
+from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
+from cnexp.reliability import NonFiniteGuard, SaveOnSigterm
+from cnexp.sweep import wandb_identity
 from cnexp.validate import validate
 
 log = logging.getLogger("cnexp")
@@ -27,11 +31,10 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     mode = cfg.logger.mode or os.environ.get("WANDB_MODE") or "offline"
     loggers = []
     if mode != "disabled":
-        wandb_logger = WandbLogger(project=cfg.logger.project, group=cfg.logger.group,
-                                   name=cfg.logger.name, save_dir=str(out_dir),
-                                   offline=mode == "offline", job_type="train")
-        wandb_logger.experiment.config.update(OmegaConf.to_container(cfg, resolve=True),
-                                              allow_val_change=True)
+        # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
+        wandb_logger = WandbLogger(project=cfg.logger.project, save_dir=str(out_dir),
+                                   offline=mode == "offline", **wandb_identity(cfg),
+                                   config=OmegaConf.to_container(cfg, resolve=True))
         loggers.append(wandb_logger)
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
@@ -48,12 +51,15 @@ def train(cfg: DictConfig) -> dict:
 
     base = load_base(cfg.base)
     controlnet = build_controlnet(base.unet, cfg.control)
-    module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed)
+    cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
+    module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache)
     data = TriplesDataModule(cfg.data, seed=cfg.seed)
     data.prepare_data()
-    evaluation = EvaluationCallback(data.eval_batch(), cfg.sampling, cfg.eval, out_dir)
-    checkpoints = ModelCheckpoint(dirpath=out_dir / "checkpoints", save_last=True,
-                                  every_n_train_steps=max(1, cfg.trainer.max_steps // 4))
+    evaluation = build_evaluation(cfg, data, out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
+    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every)
+    guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir), SaveOnSigterm(ckpt_dir)]
     loggers = build_loggers(cfg, out_dir)
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
@@ -62,10 +68,11 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
-        callbacks=[evaluation, checkpoints], limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[BaseDamageCallback(evaluation.batch), evaluation, checkpoints, *guards],
+        limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
     fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=data)
+    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
     fit_seconds = time.perf_counter() - fit_start
 
     summary = {"ablation": cfg.ablation, "seed": cfg.seed, "steps": trainer.global_step,
@@ -74,7 +81,7 @@ def train(cfg: DictConfig) -> dict:
                "eval_share": round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
                "final_loss": float(trainer.callback_metrics.get("train/loss", torch.nan)),
                "step0": evaluation.history[0], "final": evaluation.history[-1],
-               "history": evaluation.history}
+               "history": evaluation.history, "sudden_convergence": evaluation.sudden}
     if trainer.is_global_zero:
         if cfg.export:
             controlnet.save_pretrained(out_dir / "controlnet")
@@ -85,6 +92,9 @@ def train(cfg: DictConfig) -> dict:
     for lg in loggers:
         if isinstance(lg, WandbLogger):
             lg.experiment.summary.update({k: v for k, v in summary["final"].items()})
+            lg.log_table("final_metrics", columns=["metric", "step 0", "final"],
+                         data=[[k, summary["step0"].get(k), v]
+                               for k, v in summary["final"].items()])
             lg.experiment.finish()  # one W&B run per job, never merged across a sweep
     return summary
 
@@ -94,11 +104,15 @@ def report(out_dir: Path, summary: dict, loggers: list) -> None:
     lines = [
         f"cnexp run finished: {summary['steps']} steps in {summary['fit_seconds']}s "
         f"(evaluation {summary['eval_share']:.0%} of it)",
-        f"  control fidelity  shape IoU {s0['eval/shape_iou']:.3f} -> {s1['eval/shape_iou']:.3f}"
-        f"   edge F1 {s0['eval/edge_f1']:.3f} -> {s1['eval/edge_f1']:.3f}   (step 0 -> final)",
+        "  perfect prompt    " + "   ".join(  # headline metrics (eval/<metric>)
+            f"{k[5:]} {s0[k]:.3f} -> {s1[k]:.3f}" for k in s1
+            if k.count("/") == 1 and "seconds" not in k and k in s0) + "   (step 0 -> final)",
+        *(f"  sudden converg.   {m} crosses {c['threshold']} at step {c['step']}, steepest "
+          f"rise at step {c['steepest_rise_step']}"
+          for m, c in summary["sudden_convergence"].items()),
         f"  run directory     {out_dir}",
         f"  controlnet        {out_dir / 'controlnet'}  (ControlNetModel.from_pretrained)",
-        f"  sample grids      {out_dir / 'samples'}  (condition | sample | real)",
+        f"  sample grids      {out_dir / 'samples'}/<prompt setting>  (condition | sample | real)",
         f"  metrics           {out_dir / 'metrics.json'}, {out_dir / 'csv' / 'metrics.csv'}",
     ]
     if any(isinstance(lg, WandbLogger) for lg in loggers):

@@ -1,6 +1,12 @@
-"""LightningDataModule of condition/image/caption triples, with a fixed evaluation set."""
+"""LightningDataModule of condition/image/caption triples, with a fixed evaluation set.
+
+data.layout picks the reader (fill50k, hf, captions); data.annotator, when set, computes every
+condition from its image (cached on disk). Splits the source lacks are cut from its train split
+with data.split_seed, never the run's seed, so every run and ablation sees the same evaluation set.
+"""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import lightning as L
@@ -8,27 +14,66 @@ import torch
 from torch.utils.data import DataLoader
 
 from cnexp.config import DataConfig
-from cnexp.data.fill50k import Fill50kDataset, read_index
+from cnexp.data.cache import ConditionCache
+from cnexp.data.dataset import TriplesDataset
+from cnexp.data.images import DataError
+from cnexp.data.resumable import ResumableShuffleSampler
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
+log = logging.getLogger("cnexp")
+
 SPLITS = ("train", "val", "test")
+LAYOUTS = ("fill50k", "hf", "captions")
+SHOWN_BAD = 5  # skipped samples listed in the log
 
 
 def split_indices(n: int, seed: int, val_fraction: float = 0.05,
                   test_fraction: float = 0.05) -> dict[str, list[int]]:
-    """Deterministic train/val/test split of a root that has none (same seed, same split)."""
+    """Deterministic train/val/test split of a source that has none (same seed, same split).
+    A fraction of 0 gives an empty split; any other at least one sample."""
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val, n_test = max(1, int(n * val_fraction)), max(1, int(n * test_fraction))
+    n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
+    n_test = max(1, int(n * test_fraction)) if test_fraction > 0 else 0
     return {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
             "train": sorted(order[n_val + n_test:])}
+
+
+def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
+    """Split name -> the layout's source, for the splits the data itself has."""
+    with_condition = cfg.annotator is None
+    if cfg.layout == "fill50k":
+        from cnexp.data.fill50k import Fill50kSource
+
+        root = Path(cfg.root)
+        if all((root / s / "prompt.json").exists() for s in SPLITS):
+            return {s: Fill50kSource(root / s, with_condition) for s in SPLITS}
+        return {"train": Fill50kSource(root, with_condition)}
+    if cfg.layout == "hf":
+        from cnexp.data.hf import HFSource, load_hf_splits
+
+        tables = load_hf_splits(cfg.root, cfg.hf_config,
+                                str(Path(cache_dir) / "hf") if cache_dir else None)
+        conditioning = cfg.conditioning_image_column if with_condition else None
+        return {s: HFSource(t, cfg.root, s, cfg.image_column, conditioning, cfg.caption_column)
+                for s, t in tables.items()}
+    if cfg.layout == "captions":
+        from cnexp.data.captions import CaptionsSource
+
+        if cfg.annotator is None:
+            raise DataError("data.layout=captions computes each condition from its image: set "
+                            "data.annotator (offline: canny, content_shuffle, lineart_standard, "
+                            "mediapipe_face)")
+        return {"train": CaptionsSource(cfg.root, cfg.caption_column, exclude=cache_dir)}
+    raise DataError(f"data.layout='{cfg.layout}' is unknown: use one of {', '.join(LAYOUTS)}")
 
 
 class TriplesDataModule(L.LightningDataModule):
     def __init__(self, cfg: DataConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.seed = seed
-        self.datasets: dict[str, Fill50kDataset] = {}
+        self.seed = seed  # shuffling and random captions/crops; the split uses cfg.split_seed
+        self.datasets: dict[str, TriplesDataset] = {}
+        self.conditions: ConditionCache | None = None
 
     def prepare_data(self) -> None:
         if self.cfg.generate_tinyworld:
@@ -36,32 +81,78 @@ class TriplesDataModule(L.LightningDataModule):
                                                       "val": self.cfg.val_size,
                                                       "test": self.cfg.test_size})
 
+    def _condition_cache(self) -> ConditionCache | None:
+        if self.cfg.annotator is None:
+            return None
+        from cnexp.data.annotators import get_annotator
+
+        annotator = get_annotator(self.cfg.annotator, pretrained=self.cfg.annotator_path,
+                                  **dict(self.cfg.annotator_params or {}))
+        directory = Path(self.cfg.cache_dir) / "conditions" if self.cfg.cache_dir else None
+        return ConditionCache(annotator, directory)
+
     def setup(self, stage: str | None = None) -> None:
         if self.datasets:
             return
-        root = Path(self.cfg.root)
-        if all((root / s / "prompt.json").exists() for s in SPLITS):
-            self.datasets = {s: Fill50kDataset(root / s, self.cfg.resolution) for s in SPLITS}
-        else:  # one root, no splits: cut it deterministically
-            splits = split_indices(len(read_index(root)), self.seed)
-            self.datasets = {s: Fill50kDataset(root, self.cfg.resolution, splits[s]) for s in SPLITS}
+        cfg = self.cfg
+        if cfg.crop not in ("center", "random"):
+            raise DataError(f"data.crop='{cfg.crop}' is unknown: use center or random")
+        sources = open_sources(cfg, cfg.cache_dir)
+        self.conditions = self._condition_cache()  # fails here, before training, if unusable
+        indices = {s: list(range(len(src))) for s, src in sources.items()}
+        missing = [s for s in SPLITS if s not in sources]
+        if missing:  # cut the missing splits from train, deterministically
+            cut = split_indices(len(sources["train"]), cfg.split_seed,
+                                cfg.val_fraction if "val" in missing else 0.0,
+                                cfg.test_fraction if "test" in missing else 0.0)
+            indices["train"] = cut["train"]
+            for split in missing:
+                sources[split], indices[split] = sources["train"], cut[split]
+        for split in SPLITS:
+            dataset = TriplesDataset(sources[split], cfg.resolution, indices[split],
+                                     train=split == "train", random_crop=cfg.crop == "random",
+                                     conditions=self.conditions)
+            self.datasets[split] = self._checked(dataset, split)
+        if self.conditions is not None:
+            log.info("data: %s", self.conditions.summary())
 
-    def _loader(self, split: str, shuffle: bool, batch_size: int | None = None) -> DataLoader:
+    def _checked(self, dataset: TriplesDataset, split: str) -> TriplesDataset:
+        """Scan the split when asked to (skip_bad_samples, or conditions to precompute)."""
+        cfg = self.cfg
+        if cfg.skip_bad_samples or (self.conditions is not None and cfg.precompute_conditions):
+            kept, bad = dataset.scan(cfg.skip_bad_samples)
+            if bad:
+                log.warning("data: skipped %d unreadable %s sample(s); first: %s", len(bad),
+                            split, "; ".join(bad[:SHOWN_BAD]))
+            dataset.indices = kept
+        if len(dataset) == 0 and split != "test":
+            after = " after skipping unreadable samples" if cfg.skip_bad_samples else ""
+            raise DataError(f"the {split} split of data.root '{cfg.root}' is empty{after}: "
+                            "training needs at least one train and one validation sample; add "
+                            "samples or fix the unreadable ones")
+        return dataset
+
+    def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
         workers = self.cfg.num_workers
         return DataLoader(self.datasets[split], batch_size=batch_size or self.cfg.batch_size,
-                          shuffle=shuffle, drop_last=shuffle, num_workers=workers,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
-                          generator=torch.Generator().manual_seed(self.seed) if shuffle else None)
+                          sampler=sampler, num_workers=workers, drop_last=sampler is not None,
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        # On resume, Lightning has restored global_step before asking for the loader: start
+        # exactly where the interrupted run stopped (a plain loader would restart the epoch).
+        trainer = getattr(self, "trainer", None)
+        consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
+        batch = min(self.cfg.batch_size, len(self.datasets["train"]))
+        sampler = ResumableShuffleSampler(len(self.datasets["train"]), batch, self.seed, consumed)
+        return self._loader("train", sampler, batch)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def eval_batch(self) -> dict:
-        """The fixed evaluation set: the first `eval_size` validation triples, identical for
-        every run, seed and ablation, so comparisons between runs are paired."""
+        """The fixed evaluation set: the first `eval_size` validation triples (first caption,
+        center crop), identical for every run, seed and ablation, so comparisons are paired."""
         self.setup()
         val = self.datasets["val"]
         items = [val[i] for i in range(min(self.cfg.eval_size, len(val)))]

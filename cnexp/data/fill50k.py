@@ -1,32 +1,41 @@
-"""The authors' fill50k layout: prompt.json (one JSON object per line) + the images it names."""
+"""The authors' fill50k layout: prompt.json (one JSON object per line) + the images it names.
+
+    {"source": "source/0.png", "target": "target/0.png", "prompt": "pale golden rod circle ..."}
+
+`source` is the condition, `target` the image, `prompt` the caption (or a list of captions).
+The tiny world's generator writes this layout too.
+"""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import numpy as np
-import torch
-from PIL import Image
-from torch.utils.data import Dataset
 
-from cnexp.errors import CnexpError
+from cnexp.data.dataset import TriplesDataset
+from cnexp.data.images import DataError, Sample, open_rgb, resize_shorter
+
+__all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "load_rgb", "read_index"]
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 
 
-class DataError(CnexpError):
-    pass
-
-
-def read_index(root: Path) -> list[dict]:
-    """Parse root/prompt.json; each bad line is reported with its number and the fix."""
-    index = Path(root) / "prompt.json"
-    if not Path(root).is_dir():
+def _check_root(root: Path) -> Path:
+    if not root.is_dir():
         raise DataError(f"data.root '{root}' does not exist: point data.root at a directory "
                         "holding prompt.json (fill50k layout)")
+    index = root / "prompt.json"
     if not index.exists():
         raise DataError(f"{index} is missing: a fill50k root needs prompt.json with one JSON "
                         "object per line with keys source, target, prompt")
+    return index
+
+
+def read_numbered_index(root: Path, need_source: bool = True) -> list[tuple[int, dict]]:
+    """(line number, record) for each line of root/prompt.json; a bad line is named with the fix.
+    need_source=False: `source` may be absent (the condition is computed by an annotator)."""
+    index = _check_root(Path(root))
+    required = REQUIRED_KEYS if need_source else ("target", "prompt")
     records = []
     for number, line in enumerate(index.read_text().splitlines(), start=1):
         if not line.strip():
@@ -36,54 +45,61 @@ def read_index(root: Path) -> list[dict]:
         except json.JSONDecodeError as err:
             raise DataError(f"{index}:{number} is not JSON ({err.msg}): each line must be one "
                             'object like {"source": ..., "target": ..., "prompt": ...}') from None
-        missing = [k for k in REQUIRED_KEYS if k not in record]
+        if not isinstance(record, dict):
+            raise DataError(f"{index}:{number} is not a JSON object: each line must be one "
+                            'object like {"source": ..., "target": ..., "prompt": ...}')
+        missing = [k for k in required if k not in record]
         if missing:
             raise DataError(f"{index}:{number} lacks key(s) {missing}: each line needs "
-                            f"{list(REQUIRED_KEYS)}")
-        records.append(record)
+                            f"{list(required)}")
+        records.append((number, record))
     if not records:
-        raise DataError(f"{index} holds no samples")
+        raise DataError(f"{index} holds no samples: add one JSON object per line")
     return records
 
 
+def read_index(root: Path) -> list[dict]:
+    """The records of root/prompt.json, in file order."""
+    return [record for _, record in read_numbered_index(root)]
+
+
 def load_rgb(path: Path, resolution: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3): grey/RGBA converted, shorter side resized, then center-cropped."""
-    try:
-        with Image.open(path) as img:
-            img = img.convert("RGB")
-    except FileNotFoundError:
-        raise DataError(f"image file {path} is missing (named in prompt.json)") from None
-    except OSError as err:
-        raise DataError(f"image file {path} is corrupt or not an image ({err})") from None
-    w, h = img.size
-    if (w, h) != (resolution, resolution):
-        scale = resolution / min(w, h)
-        img = img.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.BICUBIC)
-        left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-        img = img.crop((left, top, left + resolution, top + resolution))
-    return np.array(img)  # writable copy for torch.from_numpy
+    """RGB uint8 (H, W, 3): shorter side resized to resolution, then center-cropped."""
+    image = resize_shorter(open_rgb(path, origin=str(path)), resolution)
+    top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
+    return image[top:top + resolution, left:left + resolution].copy()
 
 
-class Fill50kDataset(Dataset):
+def _captions(value, where: str) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return value or [""]
+    raise DataError(f"{where}: 'prompt' must be a string or a list of strings, "
+                    f"got {type(value).__name__}")
+
+
+class Fill50kSource:
+    """Raw samples of one fill50k root; with_condition=False ignores `source` (annotated)."""
+
+    def __init__(self, root: str | Path, with_condition: bool = True):
+        self.root, self.with_condition = Path(root), with_condition
+        self.records = read_numbered_index(self.root, need_source=with_condition)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def load(self, index: int) -> Sample:
+        number, record = self.records[index]
+        where = f"{self.root / 'prompt.json'}:{number}"
+        image = open_rgb(self.root / record["target"], origin=f"'target' of {where}")
+        condition = (open_rgb(self.root / record["source"], origin=f"'source' of {where}")
+                     if self.with_condition else None)
+        return Sample(image, condition, _captions(record["prompt"], where), where)
+
+
+class Fill50kDataset(TriplesDataset):
     """(condition in [0,1], image in [-1,1], caption) triples from one fill50k root."""
 
     def __init__(self, root: str | Path, resolution: int, indices: list[int] | None = None):
-        self.root = Path(root)
-        self.records = read_index(self.root)
-        self.indices = list(range(len(self.records))) if indices is None else indices
-        self.resolution = resolution
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        record = self.records[self.indices[i]]
-        cond = load_rgb(self.root / record["source"], self.resolution)
-        image = load_rgb(self.root / record["target"], self.resolution)
-        return {
-            "condition": torch.from_numpy(cond).permute(2, 0, 1).float() / 255.0,  # (3, H, W)
-            "image": torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0,  # (3, H, W)
-            "caption": record["prompt"],
-            "index": self.indices[i],
-        }
+        super().__init__(Fill50kSource(root), resolution, indices)

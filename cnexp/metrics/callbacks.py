@@ -1,81 +1,282 @@
-"""Evaluation during training: sample the fixed evaluation set, score it, log a grid."""
+"""Evaluation during training: sample the fixed evaluation set, score it, log grids.
+
+Two kinds of evaluation, both on the data module's fixed evaluation set with fixed sampler seeds
+(image i always starts from the noise of seed + i), so runs, seeds and ablations are paired:
+- full (step 0, every eval.full_every_n_steps, the end): every prompt setting of the paper,
+  each scored for control fidelity, CLIP score and FID -> eval/<setting>/<metric>, plus the
+  perfect prompt's values as the headline eval/<metric>, and one grid PNG per setting;
+- curve (every eval.every_n_steps, and at each full evaluation): control fidelity of the first
+  eval.curve_images samples under the perfect prompt -> eval/curve/<metric>; the curve that
+  sudden convergence is read from at the end.
+Under DDP each rank samples a contiguous block of the set; torchmetrics syncs the metric states
+and only rank zero logs and writes files.
+"""
 from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Optional
 
 import lightning as L
 import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
+from torchmetrics import MeanMetric
 from torchvision.utils import make_grid, save_image
 
 from cnexp.config import EvalConfig, SamplingConfig
-from cnexp.metrics.fidelity import control_fidelity
+from cnexp.errors import CnexpError
+from cnexp.metrics.convergence import sudden_convergence
+from cnexp.metrics.fid import build_feature, cache_path, reference_fid, to_uint8
+from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_scores
+from cnexp.metrics.prompts import prompt_settings
 from cnexp.sampling import generate, make_pipeline
+
+CURVE = "curve"
+HEADLINE_SETTING = "perfect"
+
+
+def block(n: int, rank: int, world: int) -> tuple[int, int]:
+    """The contiguous share [lo, hi) of n items that `rank` of `world` evaluates."""
+    return n * rank // world, n * (rank + 1) // world
+
+
+def synced_mean(values: list[float], device: torch.device) -> float:
+    """Mean over all ranks' values (torchmetrics syncs the sums when it computes)."""
+    mean = MeanMetric(sync_on_compute=True).to(device)
+    if values:
+        mean.update(torch.tensor(values, dtype=torch.float32, device=device))
+    return float(mean.compute())
+
+
+def check_config(cfg: EvalConfig, fidelity: str) -> None:
+    """Range checks the schema cannot express, each naming the override that fixes it."""
+    metrics = FIDELITY[fidelity].metrics
+    checks = [
+        (cfg.every_n_steps >= 0 and cfg.full_every_n_steps >= 0, "eval.every_n_steps",
+         "and eval.full_every_n_steps must be >= 0 (0: off)"),
+        (cfg.batch_size > 0 and cfg.curve_images >= 0, "eval.batch_size",
+         "must be > 0 (and eval.curve_images >= 0)"),
+        (cfg.num_images is None or cfg.num_images > 0, "eval.num_images", "must be > 0 or null"),
+        (cfg.convergence_metric in (None, *metrics), "eval.convergence_metric",
+         f"is {cfg.convergence_metric!r}; the {fidelity} fidelity reports {list(metrics)}"),
+    ]
+    for ok, key, why in checks:
+        if not ok:
+            raise CnexpError(f"{key} {why} (override it: python run.py {key}=...)")
 
 
 class EvaluationCallback(L.Callback):
-    """At step 0, every `every_n_steps` and at the end: control fidelity + a sample grid.
+    """Schedules and runs the evaluations (see the module docstring); keeps their history."""
 
-    The evaluation batch and the sampler seeds are fixed, so every run sees the same conditions,
-    prompts and initial noise, and step 0 shows the untouched base (zero connectors).
-    """
-
-    def __init__(self, eval_batch: dict, sampling: SamplingConfig, cfg: EvalConfig, out_dir: Path):
-        self.batch = eval_batch
-        self.sampling = sampling
-        self.cfg = cfg
+    def __init__(self, eval_batch: dict, sampling: SamplingConfig, cfg: EvalConfig,
+                 out_dir: Path, fidelity: str = "outline", annotate: Optional[Annotate] = None,
+                 clip_model: Optional[str] = None, fid_feature=None, fid_reference=None):
+        """fid_feature: (feature module, id) or None (no FID); fid_reference: (callable giving
+        uint8 real batches, cache file or None, cache key) for the real statistics."""
+        check_config(cfg, fidelity)
+        self.batch, self.sampling, self.cfg = eval_batch, sampling, cfg
         self.out_dir = Path(out_dir)
+        self.fidelity, self.annotate = fidelity, annotate
+        self.clip_model = clip_model if cfg.clip_score else None
+        self.fid_feature, self.fid_reference = fid_feature, fid_reference
+        self.fid = self.clip = None  # built at the first evaluation, on the model's device
         self.history: list[dict] = []
         self.seconds = 0.0
+        self.sudden: dict = {}
+        n = len(eval_batch["caption"])
+        self.num_images = min(cfg.num_images or n, n)
+        self.curve_images = min(cfg.curve_images, self.num_images)
+        self.settings = prompt_settings(eval_batch["caption"][:self.num_images],
+                                        list(cfg.prompt_settings), cfg.insufficient_prompt,
+                                        cfg.conflict_shift)
+        self._last_step: Optional[int] = None
+        self._last_full_step: Optional[int] = None
 
+    # ---- schedule -----------------------------------------------------------------------------
     def on_train_start(self, trainer, module) -> None:
-        self.evaluate(trainer, module)
+        if self.cfg.enabled:
+            self.evaluate(trainer, module, full=True)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        every = self.cfg.every_n_steps
-        if every and trainer.global_step % every == 0 and trainer.global_step < trainer.max_steps:
-            self.evaluate(trainer, module)
+        step = trainer.global_step
+        if not self.cfg.enabled or step >= trainer.max_steps > 0 or step == self._last_step:
+            return  # the end is on_train_end's
+        full = self.cfg.full_every_n_steps > 0 and step % self.cfg.full_every_n_steps == 0
+        curve = self.cfg.every_n_steps > 0 and step % self.cfg.every_n_steps == 0
+        if full or curve:
+            self.evaluate(trainer, module, full=full)
 
     def on_train_end(self, trainer, module) -> None:
-        self.evaluate(trainer, module)
+        if not self.cfg.enabled:
+            return
+        if trainer.global_step != self._last_full_step:
+            self.evaluate(trainer, module, full=True)
+        self.sudden = self.sudden_convergence()
+        self.log_summary(trainer)
 
+    # ---- sampling and scoring -----------------------------------------------------------------
     @torch.no_grad()
-    def sample(self, module) -> torch.Tensor:
-        pipe = make_pipeline(module, self.sampling)
-        conditions, prompts = self.batch["condition"], self.batch["caption"]
-        chunks = []
-        for start in range(0, len(prompts), self.cfg.batch_size):
-            stop = start + self.cfg.batch_size
-            chunks.append(generate(pipe, conditions[start:stop], prompts[start:stop],
-                                   self.sampling, first_index=start).cpu())
+    def sample(self, module, prompts: list[str], lo: int, hi: int) -> torch.Tensor:
+        """Images lo..hi-1 of the evaluation set under `prompts` (one per image of the set)."""
+        pipe = make_pipeline(module, self.sampling, progress=False)
+        chunks = [torch.empty(0, 3, *self.batch["condition"].shape[-2:], device=module.device)]
+        for start in range(lo, hi, self.cfg.batch_size):
+            stop = min(start + self.cfg.batch_size, hi)
+            chunks.append(generate(pipe, self.batch["condition"][start:stop], prompts[start:stop],
+                                   self.sampling, first_index=start))
         return torch.cat(chunks)
 
-    def evaluate(self, trainer, module) -> dict:
+    def score_fidelity(self, images: torch.Tensor, lo: int, prefix: str, device) -> dict:
+        """Mean fidelity of images lo.. of the set; every rank calls it, with or without images."""
+        conditions = self.batch["condition"][lo:lo + len(images)]
+        scores = fidelity_scores(images, conditions, self.fidelity, self.annotate) \
+            if len(images) else {}
+        return {f"{prefix}/{name}": synced_mean(scores.get(name, []), device)
+                for name in FIDELITY[self.fidelity].metrics}
+
+    def _build_metrics(self, trainer, device) -> None:
+        if self.clip_model and self.clip is None:
+            from cnexp.metrics.clip import clip_score_metric
+
+            self.clip = clip_score_metric(self.clip_model)
+        if self.fid_feature is not None and self.fid is None:
+            batches, cache_file, key = self.fid_reference
+            self.fid = reference_fid(self.fid_feature[0], batches, cache_file, key,
+                                     holds_reference=trainer.is_global_zero)
+        for metric in (self.clip, self.fid):
+            if metric is not None:
+                metric.to(device)
+
+    def score_full(self, images: torch.Tensor, setting: str, lo: int, device) -> dict:
+        prefix = f"eval/{setting}"
+        metrics = self.score_fidelity(images, lo, prefix, device)
+        captions = self.batch["caption"][lo:lo + len(images)]
+        pixels = to_uint8(images)
+        if self.clip is not None:  # against the sample's own caption: does it show the content?
+            targets = {"clip_score": captions}
+            if setting == "conflicting":  # ... and against the prompt it was given
+                targets["clip_score_prompt"] = self.settings[setting][lo:lo + len(images)]
+            for name, texts in targets.items():
+                if len(images):
+                    self.clip.update(pixels, list(texts))
+                metrics[f"{prefix}/{name}"] = float(self.clip.compute())
+                self.clip.reset()
+        if self.fid is not None and self.num_images >= 2:
+            if len(images):
+                self.fid.update(pixels, real=False)
+            metrics[f"{prefix}/fid"] = float(self.fid.compute())
+            self.fid.reset()  # keeps the real statistics
+        return metrics
+
+    def evaluate(self, trainer, module, full: bool) -> dict:
         start = time.perf_counter()
-        step = trainer.global_step
-        images = self.sample(module)
-        metrics = {f"eval/{k}": v for k, v in control_fidelity(images, self.batch["condition"]).items()}
+        step, device = trainer.global_step, module.device
+        rank, world = trainer.global_rank, trainer.world_size
+        metrics, grids = {}, {}
+        if full:
+            self._build_metrics(trainer, device)
+            lo, hi = block(self.num_images, rank, world)
+            for setting, prompts in self.settings.items():
+                images = self.sample(module, prompts, lo, hi)
+                metrics.update(self.score_full(images, setting, lo, device))
+                grids[setting] = (images, lo)
+            if HEADLINE_SETTING in self.settings:
+                prefix = f"eval/{HEADLINE_SETTING}/"
+                metrics.update({"eval/" + k[len(prefix):]: v for k, v in list(metrics.items())
+                                if k.startswith(prefix)})
+            self._last_full_step = step
+        if HEADLINE_SETTING in grids:  # the curve's images: this rank's share of the first ones
+            images, lo = grids[HEADLINE_SETTING]
+            curve = images[:max(0, min(len(images), self.curve_images - lo))]
+        else:
+            lo, hi = block(self.curve_images, rank, world)
+            curve = self.sample(module, self.batch["caption"], lo, hi)
+            grids[HEADLINE_SETTING] = (curve, lo)
+        metrics.update(self.score_fidelity(curve, lo, f"eval/{CURVE}", device))
         self.seconds += time.perf_counter() - start
         metrics["eval/seconds_total"] = self.seconds
         self.history.append({"step": step, **metrics})
-        self.log_results(trainer, step, metrics, images)
+        self._last_step = step
+        self.log_results(trainer, step, metrics, grids)
         return metrics
 
+    # ---- results ------------------------------------------------------------------------------
+    def sudden_convergence(self) -> dict:
+        """{metric: sudden_convergence(...)} for eval.convergence_metric on the curve."""
+        fidelity = FIDELITY[self.fidelity]
+        name = self.cfg.convergence_metric or fidelity.headline
+        key = f"eval/{CURVE}/{name}"
+        points = {row["step"]: row[key] for row in self.history if key in row}  # last per step
+        if not points:
+            return {}
+        steps = sorted(points)
+        return {name: sudden_convergence(steps, [points[s] for s in steps],
+                                         self.cfg.convergence_threshold,
+                                         fidelity.higher_is_better)}
+
     @rank_zero_only
-    def log_results(self, trainer, step: int, metrics: dict, images: torch.Tensor) -> None:
+    def log_results(self, trainer, step: int, metrics: dict, grids: dict) -> None:
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=step)
-        grid_path = self.out_dir / "samples" / f"step_{step:06d}.png"
-        grid_path.parent.mkdir(parents=True, exist_ok=True)
-        rows = min(self.cfg.grid_rows, len(images))
-        # Each row: condition | sample | real image (the condition's ground truth).
-        tiles = torch.stack([self.batch["condition"][:rows], images[:rows],
-                             (self.batch["image"][:rows] + 1) / 2], dim=1).flatten(0, 1)
-        grid = make_grid(tiles, nrow=3, padding=2, pad_value=0.5)
-        save_image(grid, grid_path)
+        for setting, (images, lo) in grids.items():
+            if lo != 0 or not len(images):
+                continue
+            rows = min(self.cfg.grid_rows, len(images))
+            # each row: condition | sample | real image (the condition's ground truth)
+            tiles = torch.stack([self.batch["condition"][:rows], images[:rows].cpu(),
+                                 (self.batch["image"][:rows] + 1) / 2], dim=1).flatten(0, 1)
+            grid = make_grid(tiles, nrow=3, padding=2, pad_value=0.5)
+            path = self.out_dir / "samples" / setting / f"step_{step:06d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_image(grid, path)
+            for logger in trainer.loggers:
+                if isinstance(logger, WandbLogger):
+                    logger.log_image(f"samples/{setting}", [grid], step=step,
+                                     caption=[f"step {step}, {setting} prompt: "
+                                              "condition | sample | real"])
+
+    @rank_zero_only
+    def log_summary(self, trainer) -> None:
         for logger in trainer.loggers:
-            if isinstance(logger, WandbLogger):
-                logger.log_image("samples", [grid], step=step,
-                                 caption=[f"step {step}: condition | sample | real"])
+            if isinstance(logger, WandbLogger) and self.sudden:
+                logger.experiment.summary["sudden_convergence"] = self.sudden
+
+
+def build_evaluation(cfg, data, out_dir: Path) -> EvaluationCallback:
+    """The evaluation callback of a run config (cnexp.config.TrainConfig) and its data module.
+    Loads what can fail (annotator, CLIP, FID network) now, before training starts."""
+    ev = cfg.eval
+    eval_batch = data.eval_batch()  # sets the data module up
+    annotator = cfg.data.annotator
+    kind = fidelity_kind(ev.fidelity, annotator)
+    annotate = None
+    if FIDELITY[kind].needs_annotator:
+        from cnexp.data.annotators import get_annotator
+
+        annotate = get_annotator(annotator, pretrained=cfg.data.annotator_path,
+                                 **dict(cfg.data.annotator_params or {}))
+    if ev.clip_score and cfg.base.clip_model:
+        from cnexp.metrics.clip import load_clip
+
+        load_clip(cfg.base.clip_model)
+    feature = reference = None
+    if ev.fid:
+        feature = build_feature(ev.fid_feature, cfg.base.clip_model)
+        val = data.datasets["val"]
+        count = min(ev.fid_reference_size, len(val))
+
+        def real_batches():  # the first `count` validation images, as uint8
+            for start in range(0, count, ev.batch_size):
+                items = [val[i]["image"] for i in range(start, min(start + ev.batch_size, count))]
+                yield to_uint8((torch.stack(items) + 1) / 2)
+
+        key = {"root": str(Path(cfg.data.root).expanduser().resolve())
+               if Path(cfg.data.root).expanduser().exists() else str(cfg.data.root),
+               "layout": cfg.data.layout, "split": "val", "images": count,
+               "resolution": cfg.data.resolution, "crop": cfg.data.crop,
+               "split_seed": cfg.data.split_seed, "feature": feature[1]}
+        reference = (real_batches, cache_path(Path(cfg.paths.cache), key), key)
+    return EvaluationCallback(eval_batch, cfg.sampling, ev, out_dir, fidelity=kind,
+                              annotate=annotate, clip_model=cfg.base.clip_model,
+                              fid_feature=feature, fid_reference=reference)

@@ -1,0 +1,175 @@
+"""Training throughput: cnexp side by side with diffusers' examples/controlnet/train_controlnet.py.
+
+    python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2]
+
+Both trainers get the same tiny-world base, the same 256 training triples (64 px), batch size,
+fp32, AdamW (lr 1e-3), and the same ControlNet architecture. Each is run as a subprocess for
+`warmup` and for `warmup + steps` optimizer steps, alternately; the difference of the two wall
+times divided by `steps` is the steady-state step time (start-up, loading and the first steps
+cancel out). Peak RSS is the child's max resident set. Without --diffusers-src only cnexp's own
+variants are measured (with and without the frozen-encoder cache).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH, LR, N_TRAIN = 16, 1e-3, 256
+
+
+def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout+stderr of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"benchmark child failed: {' '.join(cmd)}\n{output[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool) -> list[str]:
+    return [sys.executable, "run.py", f"hydra.run.dir={out}", f"trainer.max_steps={steps}",
+            f"data.root={data}", f"data.train_size={N_TRAIN}", "data.val_size=8",
+            "data.test_size=8", f"data.batch_size={BATCH}", f"optim.lr={LR}",
+            "optim.prompt_dropout=0.5", f"cache.latents={cache}", f"cache.text={cache}",
+            "eval.enabled=false", "export=false", "logger.mode=disabled",
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+
+
+def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet: Path) -> list[str]:
+    return [sys.executable, str(script), f"--pretrained_model_name_or_path={ROOT / 'assets/tinyworld'}",
+            f"--controlnet_model_name_or_path={controlnet}", f"--output_dir={out}",
+            f"--train_data_dir={parquet_dir}", "--image_column=image",
+            "--conditioning_image_column=conditioning_image", "--caption_column=text",
+            "--resolution=64", f"--train_batch_size={BATCH}", f"--max_train_steps={steps}",
+            f"--learning_rate={LR}", "--proportion_empty_prompts=0.5", "--seed=0",
+            "--checkpointing_steps=100000", "--report_to=wandb", "--mixed_precision=no",
+            "--max_grad_norm=1.0", "--adam_weight_decay=1e-2"]
+
+
+def prepare_peer_inputs(work: Path, data: Path) -> tuple[Path, Path]:
+    """The same triples as parquet with diffusers' column names, and the same initial ControlNet."""
+    import datasets
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from cnexp.data.fill50k import read_index
+
+    records = read_index(data / "train")
+    table = {"image": [str(data / "train" / r["target"]) for r in records],
+             "conditioning_image": [str(data / "train" / r["source"]) for r in records],
+             "text": [r["prompt"] for r in records]}
+    ds = datasets.Dataset.from_dict(table)
+    ds = ds.cast_column("image", datasets.Image()).cast_column("conditioning_image", datasets.Image())
+    parquet_dir = work / "parquet"
+    parquet_dir.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(parquet_dir / "train.parquet"))
+    unet = UNet2DConditionModel.from_pretrained(ROOT / "assets/tinyworld", subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    controlnet.save_pretrained(work / "controlnet_init")
+    return parquet_dir, work / "controlnet_init"
+
+
+def cnexp_losses(out: Path) -> list[float]:
+    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def peer_losses(output: str) -> list[float]:
+    return [float(x) for x in re.findall(r"step_loss=([0-9.]+)", output)]
+
+
+def measure(name: str, make_cmd, warmup: int, steps: int, rounds: int, env: dict) -> dict:
+    per_step, rss, losses = [], [], []
+    for r in range(rounds):
+        short, _, _ = _run(make_cmd(warmup, f"{name}-w{r}"), env)
+        long, peak, output = _run(make_cmd(warmup + steps, f"{name}-l{r}"), env)
+        per_step.append((long - short) / steps)
+        rss.append(peak)
+        losses.append(output)
+    step = statistics.median(per_step)
+    return {"name": name, "step_s": step, "images_s": BATCH / step, "peak_rss_mib": max(rss),
+            "outputs": losses}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--diffusers-src", type=Path, help="a diffusers source checkout")
+    parser.add_argument("--warmup", type=int, default=20)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    from cnexp.tinyworld.shapes import ensure_tiny_dataset
+
+    work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))
+    data = ensure_tiny_dataset(work / "data", {"train": N_TRAIN, "val": 8, "test": 8})
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+
+    def run_dir(tag):
+        return work / "runs" / tag
+
+    variants = {
+        "cnexp": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=True),
+        "cnexp (no cache)": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=False),
+    }
+    if args.diffusers_src:
+        script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
+        if not script.exists():
+            sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
+        parquet_dir, controlnet = prepare_peer_inputs(work, data)
+        variants["diffusers train_controlnet.py"] = lambda n, tag: peer_cmd(
+            script, n, run_dir(tag), parquet_dir, controlnet)
+
+    results = []
+    for rnd in range(args.rounds):  # alternate the trainers so drifts hit all of them alike
+        for name, make in variants.items():
+            res = measure(name, make, args.warmup, args.steps, 1, env)
+            results.append({**res, "round": rnd})
+    table = summarize(results, variants, work, args)
+    if args.json:
+        args.json.write_text(json.dumps(table, indent=1))
+
+
+def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dict]:
+    peer = "diffusers train_controlnet.py"
+    rows = []
+    for name in variants:
+        mine = [r for r in results if r["name"] == name]
+        step = statistics.median(r["step_s"] for r in mine)
+        rows.append({"trainer": name, "step_s": round(step, 4), "images_s": round(BATCH / step, 1),
+                     "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine))})
+    ref = next((r for r in rows if r["trainer"] == peer), rows[1])
+    print(f"\nsteady-state training, tiny world 64 px, batch {BATCH}, fp32, "
+          f"{args.steps} timed steps x {args.rounds} rounds, torch threads {os.cpu_count()}")
+    print(f"{'trainer':32} {'step (s)':>9} {'images/s':>9} {'peak RSS MiB':>13} {'vs ' + ref['trainer']:>12}")
+    for r in rows:
+        r["ratio"] = round(ref["step_s"] / r["step_s"], 2)
+        print(f"{r['trainer']:32} {r['step_s']:9.4f} {r['images_s']:9.1f} {r['peak_rss_mib']:13d} "
+              f"{r['ratio']:11.2f}x")
+    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp-l{args.rounds - 1}")}
+    if peer in variants:
+        losses[peer] = peer_losses(next(r for r in reversed(results) if r["name"] == peer)["outputs"])
+    for name, curve in losses.items():
+        if curve:
+            n = len(curve)
+            print(f"loss {name}: first half {statistics.mean(curve[:n // 2]):.4f}, "
+                  f"second half {statistics.mean(curve[n // 2:]):.4f} ({n} values)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

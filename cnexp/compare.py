@@ -1,0 +1,323 @@
+"""Compare the runs of a sweep: `python -m cnexp.compare <sweep dir> [--out DIR]`
+(or `--wandb entity/project --group G`, read through the W&B API when online).
+
+Writes to <out> (default <sweep dir>/compare):
+  report.md    per metric and prompt setting: mean over seeds ± 95% t-interval, and the
+               difference to baseline paired by seed ± its own interval; runs missing or failed
+  summary.csv  the same numbers, one row per ablation x prompt setting x metric
+  runs.csv     every run with its status and error
+  curves_<metric>.png, bars_<metric>.png, samples.png
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from cnexp import plots
+from cnexp.runs import (FAILED, INCOMPLETE, MISSING, OK, RunRecord, is_metric, load_sweep,
+                        load_wandb)
+from cnexp.stats import Estimate, mean_ci, paired_difference
+from cnexp.sweep import knob_diff
+
+log = logging.getLogger("cnexp")
+
+SETTING_ORDER = ("curve", "default", "none", "insufficient", "conflicting", "perfect")
+# eval/curve/<metric>: a subset of the perfect-prompt images, scored often for the step curves;
+# eval/<metric> ("default"): the headline copy of one setting. Neither goes in the final tables
+# when per-setting keys exist (cnexp/metrics/callbacks.py).
+CURVE_ONLY = "curve"
+LOWER_IS_BETTER = ("fid", "kid", "rmse", "loss", "lpips", "mse")
+
+
+@dataclass
+class Cell:
+    """One ablation x prompt setting x metric: final values by seed and their statistics."""
+    values: dict[int, float]
+    estimate: Estimate
+    diff: Optional[Estimate] = None  # paired by seed, minus baseline; None for baseline itself
+
+
+def split_key(key: str) -> tuple[str, str]:
+    """eval/perfect/shape_iou -> ("perfect", "shape_iou"); eval/shape_iou -> ("default", ...)."""
+    parts = key.removeprefix("eval/").split("/")
+    return ("default" if len(parts) == 1 else "/".join(parts[:-1])), parts[-1]
+
+
+def distinct_keys(keys: set[str], curve: bool = False) -> list[str]:
+    """Metric keys without the headline duplicates (and without the curve subset unless asked)."""
+    split = {k: split_key(k) for k in keys if is_metric(k)}
+    per_setting = {metric for setting, metric in split.values() if setting != "default"}
+    return sorted(k for k, (setting, metric) in split.items() if (curve or setting != CURVE_ONLY)
+                  and not (setting == "default" and metric in per_setting))
+
+
+def lower_is_better(metric: str) -> bool:
+    return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def _setting_rank(setting: str) -> tuple[int, str]:
+    return (SETTING_ORDER.index(setting) if setting in SETTING_ORDER else len(SETTING_ORDER),
+            setting)
+
+
+def select_runs(records: list[RunRecord], baseline: str = "baseline"
+                ) -> dict[str, list[RunRecord]]:
+    """label -> finished runs, one per seed (a seed finished twice: the newest), baseline first."""
+    latest: dict[tuple[str, Optional[int]], RunRecord] = {}
+    for run in records:
+        if run.status != OK:
+            continue
+        key = (run.label, run.seed)
+        if key not in latest or _mtime(run) > _mtime(latest[key]):
+            latest[key] = run
+    groups: dict[str, list[RunRecord]] = {}
+    for (label, _), run in sorted(latest.items(), key=lambda kv: kv[0][1] or 0):
+        groups.setdefault(label, []).append(run)
+    order = sorted(groups, key=lambda label: (label.split(" [")[0] != baseline,
+                                              [r.label for r in records].index(label)))
+    return {label: groups[label] for label in order}
+
+
+def _mtime(run: RunRecord) -> float:
+    try:
+        return (run.path / "metrics.json").stat().st_mtime if run.path else 0.0
+    except OSError:
+        return 0.0
+
+
+def baseline_of(label: str, groups: dict[str, list[RunRecord]], baseline: str) -> Optional[str]:
+    """The baseline label with the same other swept knobs as `label`."""
+    variant = groups[label][0].variant
+    candidate = f"{baseline} [{variant}]" if variant else baseline
+    return candidate if candidate in groups else None
+
+
+def summarize(groups: dict[str, list[RunRecord]], baseline: str = "baseline",
+              level: float = 0.95) -> dict[str, dict[str, dict[str, Cell]]]:
+    """metric -> label -> setting -> Cell, over every eval/ key any finished run reports."""
+    keys = distinct_keys({k for runs in groups.values() for r in runs for k in r.final})
+    table: dict[str, dict[str, dict[str, Cell]]] = {}
+    for key in sorted(keys, key=lambda k: (split_key(k)[1], _setting_rank(split_key(k)[0]))):
+        setting, metric = split_key(key)
+        for label, runs in groups.items():
+            values = {r.seed: r.final[key] for r in runs if key in r.final}
+            if not values:
+                continue
+            cell = Cell(values, mean_ci(values.values(), level))
+            base = baseline_of(label, groups, baseline)
+            if base is not None and base != label:
+                base_values = {r.seed: r.final[key] for r in groups[base] if key in r.final}
+                cell.diff = paired_difference(values, base_values, level)
+            table.setdefault(metric, {}).setdefault(label, {})[setting] = cell
+    return table
+
+
+def _num(x: float) -> str:
+    return "–" if not math.isfinite(x) else f"{x:.3g}" if abs(x) >= 1000 else f"{x:.3f}"
+
+
+def fmt_estimate(e: Estimate, signed: bool = False, runs: int = 0) -> str:
+    """"0.412 ± 0.051", Δ "-0.100 ± 0.025 *"; "(n=k)" when fewer values than runs."""
+    if e.n == 0:
+        return "–"
+    mean = f"{e.mean:+.3f}" if signed and abs(e.mean) < 1000 else _num(e.mean)
+    star = " *" if signed and e.excludes_zero else ""
+    fewer = f" (n={e.n})" if e.n == 1 or e.n < runs else ""
+    return (f"{mean}{fewer}" if e.n == 1 else f"{mean} ± {_num(e.half_width)}{star}{fewer}")
+
+
+def write_summary_csv(table, path: Path) -> None:
+    columns = ["metric", "setting", "ablation", "n", "mean", "sd", "ci_low", "ci_high",
+               "pairs", "diff_mean", "diff_ci_low", "diff_ci_high", "values_by_seed"]
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for metric, by_label in table.items():
+            for label, by_setting in by_label.items():
+                for setting, c in sorted(by_setting.items(), key=lambda kv: _setting_rank(kv[0])):
+                    d = c.diff
+                    writer.writerow([metric, setting, label, c.estimate.n, c.estimate.mean,
+                                     c.estimate.sd, c.estimate.low, c.estimate.high,
+                                     d.n if d else "", d.mean if d else "", d.low if d else "",
+                                     d.high if d else "",
+                                     " ".join(f"{s}:{v:.6g}" for s, v in sorted(c.values.items()))])
+
+
+def write_runs_csv(records: list[RunRecord], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "ablation", "variant", "seed", "status", "error", "path"])
+        for r in records:
+            writer.writerow([r.name, r.ablation, r.variant, r.seed, r.status, r.error,
+                             r.path or ""])
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |"
+                    for row in rows]
+
+
+def knob_lines(groups: dict[str, list[RunRecord]], baseline: str) -> list[list[str]]:
+    rows = []
+    for label, runs in groups.items():
+        base = baseline_of(label, groups, baseline)
+        knobs = ("(the reference)" if base == label else "(no baseline run)" if base is None else
+                 ", ".join(f"`{k}={v}`" for k, v in
+                           knob_diff(runs[0].config, groups[base][0].config).items()) or "none")
+        rows.append([label, str(len(runs)), ", ".join(str(r.seed) for r in runs), knobs])
+    return rows
+
+
+def budget_lines(groups: dict[str, list[RunRecord]]) -> list[str]:
+    """Steps, time and machine of the finished runs, from metrics.json and status.json."""
+    budgets = [r.budget for runs in groups.values() for r in runs if r.budget]
+    if not budgets:
+        return ["Not recorded."]
+
+    def spread(key: str) -> str:
+        values = [b[key] for b in budgets if isinstance(b.get(key), (int, float))]
+        if not values:
+            return "?"
+        return (f"{sum(values) / len(values):.0f} s (min {min(values):.0f}, max {max(values):.0f})"
+                if key.endswith("seconds") else ", ".join(str(v) for v in sorted(set(values))))
+
+    lines = [f"- {len(budgets)} finished runs; training steps per run: {spread('steps')}",
+             f"- training time per run: {spread('fit_seconds')}; whole job (loading, "
+             f"evaluation, export): {spread('seconds')}"]
+    ends = [(b["epoch"], b["seconds"]) for b in budgets if "epoch" in b and "seconds" in b]
+    if ends:
+        span = max(e for e, _ in ends) - min(e - sec for e, sec in ends)
+        lines.append(f"- sweep wall time, first job start to last job end: {span / 60:.1f} min")
+    machines = sorted({f"{b.get('host', '?')}: {b.get('cpus', '?')} CPU cores, "
+                       f"{b.get('torch_threads', '?')} torch threads per job, "
+                       f"GPU {b.get('gpu') or 'none'}" for b in budgets})
+    return lines + [f"- machine: {m}" for m in machines]
+
+
+def markdown(table, groups, records, baseline: str, figures: list[Path], source: str,
+             level: float) -> str:
+    counts = {s: sum(r.status == s for r in records) for s in (OK, FAILED, INCOMPLETE, MISSING)}
+    pct = f"{level:.0%}"
+    out = [f"# Sweep comparison: {source}", "",
+           f"Generated by `python -m cnexp.compare` on {time.strftime('%Y-%m-%d %H:%M')}. "
+           + " · ".join(f"{n} {s}" for s, n in counts.items()) + f" of {len(records)} runs.", "",
+           f"Cells: final value, mean over seeds ± half-width of the {pct} Student-t interval "
+           "(n − 1 degrees of freedom). Δ: difference to the baseline run with the same seed, "
+           f"averaged over seeds, ± its own {pct} t-interval; `*` marks a Δ whose interval "
+           "excludes 0. `(n=k)`: only k seeds had a value. With few seeds the intervals of the means "
+           "are wide; the paired Δ is the sharper test.",
+           "", "## Ablations", ""]
+    out += _md_table(["ablation", "runs", "seeds", f"knobs that differ from `{baseline}`"],
+                     knob_lines(groups, baseline))
+    for metric, by_label in table.items():
+        settings = sorted({s for cells in by_label.values() for s in cells}, key=_setting_rank)
+        better = "lower" if lower_is_better(metric) else "higher"
+        out += ["", f"## {metric} ({better} is better)", "", f"Mean ± {pct} CI over seeds:", ""]
+        means, diffs = [], []
+        for label, cells in by_label.items():
+            runs = len(groups[label])
+            means.append([label, *(fmt_estimate(cells[s].estimate, runs=runs) if s in cells
+                                   else "–" for s in settings)])
+            if any(c.diff for c in cells.values()):
+                diffs.append([label, *(fmt_estimate(cells[s].diff, True, runs)
+                                       if s in cells and cells[s].diff else "–"
+                                       for s in settings)])
+        out += _md_table(["ablation", *settings], means)
+        if diffs:
+            out += ["", f"Δ vs `{baseline}`, paired by seed, ± {pct} CI:", ""]
+            out += _md_table(["ablation", *settings], diffs)
+    out += ["", "## Budget", ""] + budget_lines(groups)
+    if figures:
+        out += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]
+    left_out = [r for r in records if r.status != OK]
+    redone = {(r.label, r.seed) for r in records if r.status == OK}
+    out += ["", "## Runs not in the tables", ""]
+    out += (_md_table(["run", "ablation", "seed", "status", "error"],
+                      [[r.name, r.label, r.seed, r.status + (" (rerun finished)" if
+                        (r.label, r.seed) in redone else ""), r.error] for r in left_out])
+            if left_out else ["None: every run of the sweep finished."])
+    return "\n".join(out) + "\n"
+
+
+def make_figures(table, groups, out: Path) -> list[Path]:
+    figures = []
+    keys = distinct_keys({k for runs in groups.values() for r in runs for row in r.history
+                          for k in row}, curve=True)
+    for metric in table:
+        by_setting = {split_key(k)[0]: k for k in sorted(keys) if split_key(k)[1] == metric}
+        by_setting = dict(sorted(by_setting.items(), key=lambda kv: _setting_rank(kv[0])))
+        if by_setting:
+            figures.append(plots.metric_curves(groups, metric, by_setting,
+                                               out / f"curves_{metric}.png",
+                                               lower_is_better(metric)))
+        figures.append(plots.setting_bars(table[metric], metric, out / f"bars_{metric}.png",
+                                          lower_is_better(metric)))
+    figures.append(plots.sample_grids(groups, out / "samples.png", SETTING_ORDER))
+    return [f for f in figures if f is not None]
+
+
+def compare(records: list[RunRecord], out: Path, source: str, baseline: str = "baseline",
+            level: float = 0.95, figures: bool = True) -> dict:
+    """Write report.md, summary.csv, runs.csv and the figures; return the summary table."""
+    out.mkdir(parents=True, exist_ok=True)
+    groups = select_runs(records, baseline)
+    table = summarize(groups, baseline, level)
+    write_summary_csv(table, out / "summary.csv")
+    write_runs_csv(records, out / "runs.csv")
+    pngs = make_figures(table, groups, out) if figures else []
+    (out / "report.md").write_text(markdown(table, groups, records, baseline, pngs, source, level))
+    return table
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m cnexp.compare", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", nargs="?", type=Path, help="a multirun directory (or any "
+                        "directory above run directories)")
+    parser.add_argument("--out", type=Path, help="where to write (default <sweep dir>/compare)")
+    parser.add_argument("--baseline", default="baseline", help="the reference ablation")
+    parser.add_argument("--level", type=float, default=0.95, help="confidence level")
+    parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API")
+    parser.add_argument("--group", help="the W&B group (with --wandb)")
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    if args.wandb:
+        if not args.group:
+            parser.error("--wandb needs --group (the sweep's W&B group)")
+        source = f"W&B {args.wandb}/{args.group}"
+        try:
+            records = load_wandb(args.wandb, args.group)
+        except Exception as err:  # noqa: BLE001 - no network, no login, wrong project, ...
+            print(f"cannot read {source}: {err}\n  needs network and `wandb login`; offline runs "
+                  "reach W&B with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr)
+            return 2
+        out = args.out or Path("compare") / args.group
+    elif args.sweep_dir is None:
+        parser.error("give a sweep directory (multirun/<date>/<time>), or --wandb "
+                     "ENTITY/PROJECT --group G")
+    elif not args.sweep_dir.is_dir():
+        parser.error(f"sweep directory {args.sweep_dir} does not exist")
+    else:
+        records, source = load_sweep(args.sweep_dir), str(args.sweep_dir)
+        out = args.out or args.sweep_dir / "compare"
+    if not records:
+        print(f"no runs found in {source}", file=sys.stderr)
+        return 1
+    compare(records, out, source, args.baseline, args.level, figures=not args.no_figures)
+    bad = [r for r in records if r.status != OK]
+    print(f"{len(records) - len(bad)} of {len(records)} runs finished; report: {out / 'report.md'}")
+    for r in bad:
+        print(f"  {r.status:10s} {r.name}: {r.error}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Base damage at step 0: how far the controlled model's noise prediction is from the base's
+before any training. Zero connectors make it exactly 0; any other init makes it positive. It is
+the quantity the paper's zero-convolution argument is about, so every run logs it.
+"""
+from __future__ import annotations
+
+import logging
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_only
+
+METRIC = "eval/base_damage_step0"
+log = logging.getLogger("cnexp")
+
+
+@torch.no_grad()
+def base_damage(module, batch: dict, max_samples: int = 8, seed: int = 0) -> float:
+    """MSE between controlled and base predictions on a fixed batch: fixed latents, noise and
+    timesteps spread over the schedule, the batch's own captions (none dropped)."""
+    n = min(max_samples, len(batch["caption"]))
+    device = module.device
+    generator = torch.Generator(device).manual_seed(seed)
+    images = batch["image"][:n].to(device)
+    condition = batch["condition"][:n].to(device)
+    latents = module.encode_images(images, generator)  # (n, C, h, w)
+    noise = torch.randn(latents.shape, generator=generator, device=device)
+    steps = module.noise_scheduler.config.num_train_timesteps
+    t = torch.linspace(0, steps - 1, n, device=device).long()
+    noisy = module.noise_scheduler.add_noise(latents, noise, t)
+    text = module.encode_prompts(list(batch["caption"][:n]))
+    controlled = module.controlled_unet(noisy, t, text, condition)
+    base = module.unet(noisy, t, encoder_hidden_states=text).sample
+    return torch.mean((controlled.float() - base.float()) ** 2).item()
+
+
+class BaseDamageCallback(L.Callback):
+    """Logs `eval/base_damage_step0` when training starts from step 0 (a resumed run, which
+    starts later, logged it already)."""
+
+    def __init__(self, batch: dict, max_samples: int = 8):
+        self.batch = batch
+        self.max_samples = max_samples
+        self.value: float | None = None
+
+    def on_train_start(self, trainer, module) -> None:
+        if trainer.global_step != 0:
+            return
+        self.value = base_damage(module, self.batch, self.max_samples)
+        trainer.callback_metrics[METRIC] = torch.tensor(self.value)
+        self.log_value(trainer)
+
+    @rank_zero_only
+    def log_value(self, trainer) -> None:
+        log.info("base damage at step 0 (MSE of the noise prediction vs the base's): %.6g",
+                 self.value)
+        for logger in trainer.loggers:
+            logger.log_metrics({METRIC: self.value}, step=0)

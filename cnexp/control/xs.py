@@ -1,0 +1,111 @@
+"""ControlNet-XS (arXiv 2312.06573) from diffusers: a small control network with two-way
+connections to the base, run as one fused `UNetControlNetXSModel` whose base part stays frozen.
+
+Two adaptations make it a fair arm of the comparison:
+- diffusers builds its copy of the base's resnets with GroupNorm eps 1e-6 whatever the base's
+  `norm_eps` (1e-5 in SD 1.5), so the fused model's base path is not the base. We copy each
+  norm's eps from the base, which makes the zero-connector model equal the base exactly.
+- diffusers' XS supports bases with 2 layers per block (SD, SDXL) only. A base with 1 layer per
+  block (the tiny world) is first widened to 2 by a function-preserving expansion: each new layer
+  is an identity (a resnet whose last conv is zero; an attention whose proj_out is zero; in the
+  decoder, a 1x1 shortcut that passes the hidden state and ignores the extra skip connection).
+"""
+from __future__ import annotations
+
+import torch
+from diffusers import ControlNetXSAdapter, UNet2DConditionModel, UNetControlNetXSModel
+from torch import nn
+
+from cnexp.config import ControlConfig
+from cnexp.validate import ConfigError
+
+
+def build_xs(unet: UNet2DConditionModel, cfg: ControlConfig) -> UNetControlNetXSModel:
+    """The fused base + XS adapter; only the adapter's parameters are trainable."""
+    if unet.config.in_channels != 4:
+        raise ConfigError(f"control.branch=xs needs a base with 4-channel latents (diffusers' "
+                          f"ControlNet-XS supports SD-style bases only); this base's UNet has "
+                          f"in_channels={unet.config.in_channels}. Use "
+                          f"control.branch=copy|lite|scratch")
+    if unet.config.layers_per_block not in (1, 2):
+        raise ConfigError(f"control.branch=xs supports bases with 1 or 2 layers per block; this "
+                          f"base has layers_per_block={unet.config.layers_per_block}")
+    if not 0 < cfg.xs_size_ratio <= 1:
+        raise ConfigError(f"control.xs_size_ratio is {cfg.xs_size_ratio}; use a value in (0, 1]")
+    base = unet if unet.config.layers_per_block == 2 else expand_to_two_layers(unet)
+    adapter = ControlNetXSAdapter.from_unet(
+        base, size_ratio=cfg.xs_size_ratio, conditioning_channels=cfg.conditioning_channels,
+        conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))
+    fused = UNetControlNetXSModel.from_unet(base, adapter)
+    match_norm_eps(fused, base)
+    fused.freeze_unet_params()
+    return fused.train()
+
+
+def _norms(module: nn.Module) -> list[nn.GroupNorm]:
+    return [m for m in module.modules() if isinstance(m, nn.GroupNorm)]
+
+
+def match_norm_eps(fused: UNetControlNetXSModel, base: UNet2DConditionModel) -> None:
+    """Give every GroupNorm of the fused model's base part the eps of the base's own norm."""
+    pairs = [(f.base_resnets, b.resnets) for f, b in zip(fused.down_blocks, base.down_blocks)]
+    pairs += [(f.base_attentions, b.attentions) for f, b in zip(fused.down_blocks, base.down_blocks)
+              if hasattr(b, "attentions")]
+    pairs += [(fused.mid_block.base_midblock, base.mid_block)]
+    pairs += [(f.resnets, b.resnets) for f, b in zip(fused.up_blocks, base.up_blocks)]
+    pairs += [(f.attentions, b.attentions) for f, b in zip(fused.up_blocks, base.up_blocks)
+              if hasattr(b, "attentions")]
+    pairs += [(fused.base_conv_norm_out, base.conv_norm_out)]
+    for fused_part, base_part in pairs:
+        fused_norms, base_norms = _norms(fused_part), _norms(base_part)
+        assert len(fused_norms) == len(base_norms), "fused XS model does not mirror the base"
+        for f, b in zip(fused_norms, base_norms):
+            assert f.num_channels == b.num_channels
+            f.eps = b.eps
+
+
+@torch.no_grad()
+def expand_to_two_layers(unet: UNet2DConditionModel) -> UNet2DConditionModel:
+    """A copy of a 1-layer-per-block UNet with 2 layers per block that computes the same
+    function: every added layer is an identity (see the module docstring)."""
+    wide = UNet2DConditionModel.from_config({**unet.config, "layers_per_block": 2})
+    wide.to(unet.dtype).eval()
+    state = wide.state_dict()
+    source = unet.state_dict()
+    for key, value in source.items():
+        state[_wide_key(key)] = value
+    wide.load_state_dict(state)
+    for block in wide.down_blocks:  # layer 1 of each encoder block: identity
+        _identity_resnet(block.resnets[1])
+        if hasattr(block, "attentions"):
+            _identity_attention(block.attentions[1])
+    for block in wide.up_blocks:  # layer 1 of each decoder block: identity that skips its skip
+        _identity_resnet(block.resnets[1])
+        if hasattr(block, "attentions"):
+            _identity_attention(block.attentions[1])
+    wide.requires_grad_(False)
+    return wide
+
+
+def _wide_key(key: str) -> str:
+    """Where a 1-layer UNet's parameter goes in the 2-layer UNet: encoder layer 0 stays 0;
+    decoder layers 0, 1 become 0, 2 (the new identity layer sits in between)."""
+    parts = key.split(".")
+    if parts[0] == "up_blocks" and parts[2] in ("resnets", "attentions") and parts[3] == "1":
+        parts[3] = "2"
+    return ".".join(parts)
+
+
+def _identity_resnet(resnet) -> None:
+    nn.init.zeros_(resnet.conv2.weight)  # the residual branch adds an exact zero
+    nn.init.zeros_(resnet.conv2.bias)
+    if resnet.conv_shortcut is not None:  # decoder: [hidden | skip] -> hidden
+        weight = torch.zeros_like(resnet.conv_shortcut.weight)  # (C_out, C_out + C_skip, 1, 1)
+        weight[:, :weight.shape[0], 0, 0] = torch.eye(weight.shape[0])
+        resnet.conv_shortcut.weight.copy_(weight)
+        nn.init.zeros_(resnet.conv_shortcut.bias)
+
+
+def _identity_attention(transformer) -> None:
+    nn.init.zeros_(transformer.proj_out.weight)  # output = residual + 0
+    nn.init.zeros_(transformer.proj_out.bias)

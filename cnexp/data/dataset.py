@@ -1,0 +1,86 @@
+"""The one map-style dataset of triples, over any layout's source of raw samples."""
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from cnexp.data.cache import ConditionCache
+from cnexp.data.images import (DataError, Sample, UnreadableImage, crop_box, match_sizes,
+                               resize_shorter)
+
+
+class Source(Protocol):
+    """A layout's reader: raw samples by index. Readers check their index on construction and
+    raise DataError naming file/line/field; `load` raises DataError for an unreadable sample."""
+
+    def __len__(self) -> int: ...
+
+    def load(self, index: int) -> Sample: ...
+
+
+class TriplesDataset(Dataset):
+    """Items {"condition": (3, R, R) in [0, 1], "image": (3, R, R) in [-1, 1], "caption": str,
+    "index": int (the sample's index in its source)}; a dict so later stages may add keys.
+
+    Training items pick a random caption and, with random_crop, a random crop, drawn from torch's
+    RNG: seeded by seed_everything in the main process and by the DataLoader's generator in its
+    workers, so an epoch is reproducible. Evaluation items (train=False) are a pure function of
+    the index: first caption, center crop.
+    """
+
+    def __init__(self, source: Source, resolution: int, indices: list[int] | None = None,
+                 train: bool = False, random_crop: bool = False,
+                 conditions: ConditionCache | None = None):
+        self.source, self.resolution = source, resolution
+        self.indices = list(range(len(source))) if indices is None else list(indices)
+        self.train, self.random_crop, self.conditions = train, random_crop, conditions
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, Sample]:
+        """Image and condition as uint8 (H, W, 3), shorter side = resolution, not yet cropped."""
+        sample = self.source.load(index)
+        image = resize_shorter(sample.image, self.resolution)
+        if self.conditions is not None:  # computed from the image (and cached)
+            condition = self.conditions(image)
+        elif sample.condition is None:
+            raise DataError(f"{sample.origin} has no condition: set data.annotator (e.g. canny) "
+                            "to compute conditions from the images")
+        else:
+            condition = resize_shorter(match_sizes(sample.image, sample.condition, sample.origin),
+                                       self.resolution)
+        return image, condition, sample
+
+    def __getitem__(self, i: int) -> dict:
+        index = self.indices[i]
+        image, condition, sample = self.load_arrays(index)
+        offset = tuple(torch.rand(2).tolist()) if self.train and self.random_crop else None
+        top, left = crop_box(*image.shape[:2], self.resolution, offset)
+        window = (slice(top, top + self.resolution), slice(left, left + self.resolution))
+        image, condition = image[window], condition[window]  # the same pixels of both
+        captions = sample.captions or [""]
+        pick = int(torch.randint(len(captions), ())) if self.train and len(captions) > 1 else 0
+        return {
+            "condition": torch.from_numpy(condition.copy()).permute(2, 0, 1).float() / 255.0,
+            "image": torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
+            "caption": captions[pick],
+            "index": index,
+        }
+
+    def scan(self, skip_bad: bool) -> tuple[list[int], list[str]]:
+        """Load every sample once (filling the condition cache). Returns the kept indices and
+        the errors of the skipped unreadable ones; without skip_bad the first one raises."""
+        kept, bad = [], []
+        for index in self.indices:
+            try:
+                self.load_arrays(index)
+                kept.append(index)
+            except UnreadableImage as err:
+                if not skip_bad:
+                    raise
+                bad.append(str(err))
+        return kept, bad

@@ -1,0 +1,194 @@
+"""The job side of a sweep: each job's outcome on disk, CPU threads shared among parallel jobs,
+W&B names and tags, and a summary of failed jobs when a multirun ends.
+
+A job directory ends with `status.json` ({"status": "ok" | "failed" | "running", ...}) and, for a
+failed job, `error.txt` (the traceback). `cnexp.compare` reads both.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("cnexp")
+
+STATUS_FILE = "status.json"
+ERROR_FILE = "error.txt"
+WANDB_TAG_MAX = 64  # W&B rejects longer tags
+
+
+def _hydra() -> Optional[DictConfig]:
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def in_multirun() -> bool:
+    hydra = _hydra()
+    return hydra is not None and hydra.mode == RunMode.MULTIRUN
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a DDP job (Lightning's or SLURM's rank variables)."""
+    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def write_status(out_dir: Path, status: str, **fields: Any) -> None:
+    if not is_rank_zero():
+        return
+    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "epoch": round(time.time(), 1), "host": socket.gethostname(), "pid": os.getpid(),
+              **fields}
+    tmp = out_dir / (STATUS_FILE + ".tmp")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(out_dir / STATUS_FILE)  # atomic: a reader never sees half a file
+    except OSError as err:  # bookkeeping must not turn a finished run into a failed one
+        log.warning("could not write %s: %s", out_dir / STATUS_FILE, err)
+
+
+def machine_info() -> dict[str, Any]:
+    """What a job ran on, for the budget line of a report."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpus": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
+def read_status(run_dir: Path) -> Optional[dict]:
+    try:
+        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def record_failure(out_dir: Path, err: BaseException) -> None:
+    """error.txt (traceback) + status.json; closes a W&B run the job left open so the next job
+    of the same process does not log into it."""
+    if is_rank_zero():
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / ERROR_FILE).write_text("".join(traceback.format_exception(err)))
+        except OSError as write_err:  # e.g. the disk is full: the log still has the error
+            log.warning("could not write %s: %s", out_dir / ERROR_FILE, write_err)
+        write_status(out_dir, "failed", error_type=type(err).__name__,
+                     error=str(err) or type(err).__name__)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)
+
+
+def split_threads() -> Optional[int]:
+    """Give each of a parallel launcher's jobs cores // n_jobs torch threads (joblib: n_jobs)."""
+    hydra = _hydra()
+    n_jobs = OmegaConf.select(hydra, "launcher.n_jobs") if hydra is not None else None
+    if not in_multirun() or not n_jobs:
+        return None
+    cores = machine_info()["cpus"]
+    if n_jobs < 0:  # joblib: -1 = one job per core, -2 = all but one, ...
+        n_jobs = max(1, cores + 1 + n_jobs)
+    import torch
+
+    threads = max(1, cores // n_jobs)
+    torch.set_num_threads(threads)
+    log.info("parallel sweep: %d jobs on %d cores -> %d torch thread(s) per job",
+             n_jobs, cores, threads)
+    return threads
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        flat = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+# Keys that differ between any two runs without being an ablation knob.
+NOT_KNOBS = ("ablation", "seed", "paths.", "logger.")
+
+
+def knob_diff(config: dict, baseline: dict) -> dict[str, Any]:
+    """Flattened keys whose value in `config` differs from `baseline` (a missing key: None)."""
+    flat, flat_base = _flatten(config), _flatten(baseline)
+    diff = {}
+    for key in sorted(flat.keys() | flat_base.keys()):
+        if key.startswith(NOT_KNOBS) or key in NOT_KNOBS:
+            continue
+        if flat.get(key) != flat_base.get(key):
+            diff[key] = flat.get(key)
+    return diff
+
+
+def _is_ablation_override(override: str) -> bool:
+    return override.lstrip("+~").split("=", 1)[0] == "ablation"
+
+
+def baseline_diff(cfg: DictConfig) -> dict[str, Any]:
+    """This job's knobs that differ from baseline with the same other overrides (and seed).
+
+    Composes the baseline through the running Hydra app; outside one (tests, notebooks) or if
+    composing fails, returns {} rather than stopping a training run over a tag."""
+    hydra = _hydra()
+    if hydra is None:
+        return {}
+    try:
+        from hydra import compose
+
+        overrides = [o for o in hydra.overrides.task if not _is_ablation_override(o)]
+        baseline = compose(config_name=hydra.job.config_name, overrides=overrides)
+        return knob_diff(OmegaConf.to_container(cfg, resolve=False),
+                         OmegaConf.to_container(baseline, resolve=False))
+    except Exception as err:  # noqa: BLE001 - tags are cosmetic; training must go on
+        log.debug("could not compose the baseline for W&B tags: %s", err)
+        return {}
+
+
+def sweep_name() -> Optional[str]:
+    """A multirun's name for W&B grouping: its sweep directory below multirun/ (date_time)."""
+    if not in_multirun():
+        return None
+    parts = Path(str(_hydra().sweep.dir)).parts
+    return "_".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
+
+
+def wandb_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:
+    """W&B init arguments: group = logger.group, else the sweep, else the ablation;
+    name = <ablation>-s<seed>; one tag per knob that differs from baseline."""
+    tags = [f"ablation:{cfg.ablation}", f"seed:{cfg.seed}"]
+    tags += [f"{key}={value}" for key, value in baseline_diff(cfg).items()]
+    return {"group": cfg.logger.group or sweep_name() or cfg.ablation,
+            "name": cfg.logger.name or f"{cfg.ablation}-s{cfg.seed}",
+            "tags": [tag[:WANDB_TAG_MAX] for tag in tags], "job_type": job_type}
+
+
+class SweepSummary(Callback):
+    """At the end of a multirun: say which jobs failed (and where), exit non-zero if any did."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        job_dirs = sorted((p.parent for p in sweep_dir.glob(f"*/{STATUS_FILE}")),
+                          key=lambda d: (len(d.name.split("_")[0]), d.name))  # 2_ before 10_
+        statuses = {d: read_status(d) for d in job_dirs}
+        failed = {d: s for d, s in statuses.items() if s and s.get("status") == "failed"}
+        ok = sum(1 for s in statuses.values() if s and s.get("status") == "ok")
+        log.info("sweep finished: %d ok, %d failed of %d jobs in %s", ok, len(failed),
+                 len(statuses), sweep_dir)
+        for run_dir, status in failed.items():
+            log.error("  failed: %s: %s (%s)", run_dir.name, status.get("error", "?"),
+                      run_dir / ERROR_FILE)
+        log.info("compare the runs: python -m cnexp.compare %s", sweep_dir)
+        if failed:
+            sys.exit(1)

@@ -1,0 +1,345 @@
+"""The ablation axes (issue 3): each knob changes what it says, provably, and nothing else."""
+import copy
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from diffusers import ControlNetModel, ControlNetXSAdapter, UNet2DConditionModel
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from cnexp.control import BRANCHES, build_controlnet, count_trainable, decoder_parameters
+from cnexp.control.base_damage import METRIC, BaseDamageCallback, base_damage
+from cnexp.control.connectors import connector_convs, down_connectors, expected_weight_std, hint_conv
+from cnexp.control.lite import ControlNetLite, residual_layout
+from cnexp.control.xs import expand_to_two_layers
+from cnexp.module import ControlNetModule
+from cnexp.sampling import generate, make_pipeline
+from cnexp.validate import ConfigError, validate
+from conftest import ROOT, TINY, compose_cfg
+
+PRESETS = {  # preset -> the knobs it changes (every other value is the baseline's)
+    "baseline": {},
+    "no_zero_conv": {"control.connector_init": "gaussian",
+                     "control.init_scope": "connectors_and_hint"},
+    "lightweight": {"control.branch": "lite"},
+    "scratch_copy": {"control.branch": "scratch"},
+    "controlnet_xs": {"control.branch": "xs"},
+    "prompt_dropout_0": {"optim.prompt_dropout": 0.0},
+    "prompt_dropout_50": {},  # the paper's 50% is the baseline's value
+    "prompt_dropout_100": {"optim.prompt_dropout": 1.0},
+    "sd_unlocked": {"control.sd_locked": False},
+    "only_mid_control": {"control.only_mid_control": True},
+}
+
+
+def control_cfg(tiny_cfg, **knobs):
+    cfg = copy.deepcopy(tiny_cfg.control)
+    for key, value in knobs.items():
+        cfg[key] = value
+    return cfg
+
+
+def make_module(tiny_cfg, base, optim=None, **knobs) -> ControlNetModule:
+    control = build_controlnet(base.unet, control_cfg(tiny_cfg, **knobs))
+    return ControlNetModule(base, control, optim or tiny_cfg.optim, seed=0)
+
+
+def own_unet(base):
+    """A base whose UNet this test may unfreeze (the session's base stays frozen)."""
+    return dataclasses.replace(base, unet=copy.deepcopy(base.unet))
+
+
+def conv_params(c_in, c_out, k):
+    return c_in * c_out * k * k + c_out
+
+
+# ---- connector init ---------------------------------------------------------------------------
+@pytest.mark.parametrize("branch", BRANCHES)
+def test_zero_connectors_make_step0_exactly_the_base(branch, tiny_cfg, tiny_base, tiny_data):
+    module = make_module(tiny_cfg, tiny_base, branch=branch)
+    convs = [*connector_convs(module.controlnet), hint_conv(module.controlnet)]
+    assert len(convs) > 2
+    assert all(torch.count_nonzero(p) == 0 for conv in convs for p in conv.parameters())
+    assert base_damage(module, tiny_data.eval_batch()) == 0.0  # predictions bit-identical
+
+
+@pytest.mark.parametrize("scheme", ["gaussian", "kaiming", "xavier", "default"])
+def test_other_inits_have_their_statistics_and_damage_the_base(scheme, tiny_cfg, tiny_base,
+                                                               tiny_data):
+    torch.manual_seed(0)
+    module = make_module(tiny_cfg, tiny_base, connector_init=scheme, gaussian_std=0.05)
+    for conv in connector_convs(module.controlnet):
+        w, b = conv.weight.detach(), conv.bias.detach()
+        expected = expected_weight_std(conv, scheme, 0.05)
+        assert w.numel() >= 1000
+        assert abs(w.std().item() - expected) < 0.1 * expected, (scheme, w.std(), expected)
+        assert abs(w.mean().item()) < 5 * expected / math.sqrt(w.numel())
+        if scheme == "default":  # PyTorch's uniform(+-1/sqrt(fan_in)) for weights and biases
+            bound = 1 / math.sqrt(w[0].numel())
+            assert w.abs().max() <= bound and b.abs().max() <= bound and b.abs().sum() > 0
+        else:
+            assert torch.count_nonzero(b) == 0
+    assert torch.count_nonzero(hint_conv(module.controlnet).weight) == 0  # scope: connectors
+    assert base_damage(module, tiny_data.eval_batch()) > 1e-6
+
+
+def test_scope_connectors_and_hint_also_initialises_the_hint_conv(tiny_cfg, tiny_base):
+    control = build_controlnet(tiny_base.unet, control_cfg(
+        tiny_cfg, connector_init="gaussian", gaussian_std=0.05, init_scope="connectors_and_hint"))
+    weight = hint_conv(control).weight.detach()
+    assert abs(weight.std().item() - 0.05) < 0.005
+
+
+@pytest.mark.parametrize("branch", ["scratch", "lite", "xs"])
+def test_gaussian_connectors_damage_the_base_in_every_branch(branch, tiny_cfg, tiny_base,
+                                                             tiny_data):
+    module = make_module(tiny_cfg, tiny_base, branch=branch, connector_init="gaussian")
+    assert all(torch.count_nonzero(c.weight) > 0 for c in connector_convs(module.controlnet))
+    assert base_damage(module, tiny_data.eval_batch()) > 1e-6
+
+
+def test_base_damage_callback_logs_once_at_step_0(tiny_cfg, tiny_base, tiny_data):
+    module = make_module(tiny_cfg, tiny_base, connector_init="gaussian")
+    logged = []
+    logger = SimpleNamespace(log_metrics=lambda metrics, step: logged.append((metrics, step)))
+    callback = BaseDamageCallback(tiny_data.eval_batch())
+    callback.on_train_start(SimpleNamespace(global_step=0, loggers=[logger], callback_metrics={}),
+                            module)
+    assert logged == [({METRIC: callback.value}, 0)] and callback.value > 0
+    callback.on_train_start(SimpleNamespace(global_step=7, loggers=[logger], callback_metrics={}),
+                            module)  # a resumed run: already logged by the first one
+    assert len(logged) == 1
+
+
+# ---- branches: parameter counts, shapes, what is frozen, what the optimizer holds -------------
+def test_trainable_parameter_counts(tiny_cfg, tiny_base):
+    unet, cfg = tiny_base.unet, tiny_cfg.control
+    counts = {b: count_trainable(build_controlnet(unet, control_cfg(tiny_cfg, branch=b)))
+              for b in BRANCHES}
+    full_copy = ControlNetModel.from_unet(
+        unet, conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))
+    assert counts["copy"] == counts["scratch"] == full_copy.num_parameters()
+    # lite: conv_in + condition embedding + one 3x3 conv per block + mid conv + 1x1 connectors
+    channels, _ = residual_layout(unet)
+    mid = unet.config.block_out_channels[-1]
+    embedding = full_copy.controlnet_cond_embedding.parameters()
+    lite = (conv_params(unet.config.in_channels, channels[0], 3) + sum(p.numel() for p in embedding)
+            + sum(conv_params(a, b, 3) for a, b in zip(channels[:-1], channels[1:]))
+            + conv_params(channels[-1], mid, 3)
+            + sum(conv_params(c, c, 1) for c in channels) + conv_params(mid, mid, 1))
+    assert counts["lite"] == lite and counts["lite"] < counts["copy"] / 2
+    adapter = ControlNetXSAdapter.from_unet(
+        expand_to_two_layers(unet), size_ratio=cfg.xs_size_ratio,
+        conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))
+    assert counts["xs"] == adapter.num_parameters() and counts["xs"] < counts["copy"] / 2
+
+
+def test_lite_returns_the_copys_residual_shapes_and_round_trips(tiny_cfg, tiny_base, tmp_path):
+    full = build_controlnet(tiny_base.unet, control_cfg(tiny_cfg, connector_init="gaussian"))
+    lite = build_controlnet(tiny_base.unet, control_cfg(tiny_cfg, branch="lite",
+                                                        connector_init="gaussian"))
+    inputs = (torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.randn(2, 77, 64))
+    kwargs = dict(controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
+    with torch.no_grad():
+        (down_full, mid_full), (down_lite, mid_lite) = full(*inputs, **kwargs), lite(*inputs, **kwargs)
+        assert [d.shape for d in down_lite] == [d.shape for d in down_full]
+        assert mid_lite.shape == mid_full.shape
+        lite.save_pretrained(tmp_path)
+        down_again, _ = ControlNetLite.from_pretrained(tmp_path)(*inputs, **kwargs)
+    assert all(torch.equal(a, b) for a, b in zip(down_lite, down_again))
+
+
+@pytest.mark.parametrize("knobs", [{"branch": b} for b in BRANCHES] + [{"sd_locked": False},
+                                                                      {"only_mid_control": True}],
+                         ids=[*BRANCHES, "sd_unlocked", "only_mid_control"])
+def test_only_the_intended_parameters_train_in_their_own_groups(knobs, tiny_cfg, tiny_base):
+    base = own_unet(tiny_base)
+    module = make_module(tiny_cfg, base, **knobs)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    unet_trainable = {n for n in trainable if n.startswith("unet.")}
+    assert not {n for n in trainable if n.startswith(("vae.", "text_encoder."))}
+    if knobs.get("sd_locked") is False:
+        decoder = {f"unet.{n}" for n, _ in base.unet.named_parameters()
+                   if n.startswith(("up_blocks.", "conv_norm_out.", "conv_out."))}
+        assert unet_trainable == decoder and decoder
+    else:
+        assert not unet_trainable
+    if knobs.get("branch") == "xs":  # the fused model's copy of the base stays frozen
+        fused = dict(module.controlnet.named_parameters())
+        base_parts = {n for n in fused if (n.startswith("up_blocks.") and "ctrl_to_base" not in n)
+                      or any(s.startswith("base_") and s != "base_to_ctrl" for s in n.split("."))}
+        assert base_parts and not any(fused[n].requires_grad for n in base_parts)
+    if knobs.get("only_mid_control"):
+        assert not any(p.requires_grad for conv in down_connectors(module.controlnet)
+                       for p in conv.parameters())
+
+    optimizer = module.configure_optimizers()
+    groups = {g["name"]: g for g in optimizer.param_groups}
+    control = [p for p in module.controlnet.parameters() if p.requires_grad]
+    assert {id(p) for p in groups["control"]["params"]} == {id(p) for p in control}
+    assert groups["control"]["lr"] == tiny_cfg.optim.lr
+    if knobs.get("sd_locked") is False:
+        assert set(groups) == {"control", "decoder"}
+        assert {id(p) for p in groups["decoder"]["params"]} == \
+            {id(p) for p in decoder_parameters(base.unet)}
+        assert groups["decoder"]["lr"] == tiny_cfg.optim.decoder_lr != tiny_cfg.optim.lr
+    else:
+        assert set(groups) == {"control"}
+    assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
+        sum(p.numel() for n, p in module.named_parameters() if n in trainable)
+
+
+def test_xs_needs_a_four_channel_latent_base(tiny_cfg):
+    unet = UNet2DConditionModel(
+        in_channels=8, out_channels=8, block_out_channels=(16, 32), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), norm_num_groups=8,
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=16,
+        attention_head_dim=4, sample_size=8)
+    with pytest.raises(ConfigError, match="4-channel latents"):
+        build_controlnet(unet, control_cfg(tiny_cfg, branch="xs"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("control.branch=resnet", "control.branch"),
+    ("control.connector_init=ones", "control.connector_init"),
+    ("control.init_scope=all", "control.init_scope"),
+    ("optim.condition_dropout=-0.1", "optim.condition_dropout"),
+    ("optim.prompt_dropout=1.01", "optim.prompt_dropout"),
+])
+def test_bad_knob_values_fail_with_the_knob_named(override, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        validate(compose_cfg([override]))
+
+
+def test_xs_refuses_switches_that_need_residuals():
+    with pytest.raises(ConfigError, match="only_mid_control"):
+        validate(compose_cfg(["+ablation=controlnet_xs", "control.only_mid_control=true"]))
+
+
+# ---- prompt dropout -----------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 0.1, 0.5, 1.0])
+def test_prompt_dropout_rate_over_10000_draws_is_reproducible(p, tiny_cfg, tiny_base):
+    optim = copy.deepcopy(tiny_cfg.optim)
+    optim.prompt_dropout = p
+    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim)
+    captions = [f"caption {i}" for i in range(10_000)]
+    kept = module.drop_prompts(captions, torch.Generator().manual_seed(0))
+    assert abs(kept.count("") / 10_000 - p) <= 0.02
+    assert all(k in ("", c) for k, c in zip(kept, captions))  # per sample: dropped or untouched
+    assert kept == module.drop_prompts(captions, torch.Generator().manual_seed(0))
+    if 0 < p < 1:
+        assert kept != module.drop_prompts(captions, torch.Generator().manual_seed(1))
+
+
+def test_condition_dropout_rate_and_zero_draws_nothing(tiny_cfg, tiny_base):
+    optim = copy.deepcopy(tiny_cfg.optim)
+    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim)
+    conditions = torch.rand(10_000, 3, 2, 2) + 0.1
+    generator = torch.Generator().manual_seed(0)
+    assert module.drop_conditions(conditions, generator) is conditions  # 0: nothing drawn
+    assert torch.equal(generator.get_state(), torch.Generator().manual_seed(0).get_state())
+    optim.condition_dropout = 0.3
+    dropped = module.drop_conditions(conditions, generator)
+    zeroed = (dropped.flatten(1).abs().sum(1) == 0).float().mean().item()
+    assert abs(zeroed - 0.3) <= 0.02
+
+
+# ---- only_mid_control ---------------------------------------------------------------------------
+def test_only_mid_control_keeps_down_residuals_out_in_training_and_sampling(tiny_cfg, tiny_base,
+                                                                             tiny_data):
+    module = make_module(tiny_cfg, tiny_base, only_mid_control=True, connector_init="gaussian")
+    received = []
+
+    def record(_, args, kwargs):
+        received.append((kwargs["down_block_additional_residuals"],
+                         kwargs["mid_block_additional_residual"]))
+
+    hook = module.unet.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        batch = {k: v for k, v in tiny_data.eval_batch().items() if k != "index"}  # no cache
+        optimizer = module.configure_optimizers()
+        for step in range(2):  # the down connectors must stay silent after training too
+            loss = module.diffusion_loss(batch, torch.Generator().manual_seed(step))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        sampling = OmegaConf.merge(tiny_cfg.sampling, {"steps": 2})
+        generate(make_pipeline(module, sampling, progress=False), batch["condition"][:1],
+                 batch["caption"][:1], sampling)
+    finally:
+        hook.remove()
+    assert len(received) == 2 + 2  # two training steps, two sampling steps
+    for down, mid in received:
+        assert all(torch.count_nonzero(d) == 0 for d in down)
+        assert torch.count_nonzero(mid) > 0
+
+
+# ---- sampling through diffusers for every branch -----------------------------------------------
+def test_every_branch_samples_the_base_at_step0(tiny_cfg, tiny_base, tiny_data):
+    batch = tiny_data.eval_batch()
+    sampling = OmegaConf.merge(tiny_cfg.sampling, {"steps": 2})
+    images = {}
+    for branch in BRANCHES:
+        module = make_module(tiny_cfg, tiny_base, branch=branch)
+        pipe = make_pipeline(module, sampling, progress=False)
+        images[branch] = generate(pipe, batch["condition"][:2], batch["caption"][:2], sampling)
+        assert module.controlnet.training  # generate() restores the train/eval state
+    assert images["copy"].shape == (2, 3, 64, 64)
+    for branch in BRANCHES:  # zero connectors: every branch draws the base's images
+        assert torch.allclose(images[branch], images["copy"], atol=1e-5), branch
+
+
+# ---- presets ------------------------------------------------------------------------------------
+def _flat(node, prefix=""):
+    if isinstance(node, dict):
+        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: node}
+
+
+def test_the_presets_are_the_issues_list():
+    assert sorted(p.stem for p in (ROOT / "conf" / "ablation").glob("*.yaml")) == sorted(PRESETS)
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_composes_and_changes_only_its_knobs(name):
+    cfg = compose_cfg([f"+ablation={name}"])
+    validate(cfg)
+    assert cfg.ablation == name
+    baseline = _flat(OmegaConf.to_container(compose_cfg(["+ablation=baseline"])))
+    changed = {k: v for k, v in _flat(OmegaConf.to_container(cfg)).items()
+               if baseline.get(k) != v and k != "ablation"}
+    assert changed == PRESETS[name]
+
+
+def test_presets_compose_with_knob_overrides():
+    cfg = compose_cfg(["+ablation=no_zero_conv", "optim.prompt_dropout=0"])
+    assert cfg.control.connector_init == "gaussian" and cfg.optim.prompt_dropout == 0.0
+
+
+def test_an_unknown_preset_lists_the_available_ones():
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["+ablation=no_zero_convs"])
+    assert all(f"\t{name}\n" in f"{err.value}\n" for name in PRESETS)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (TINY / "model_index.json").exists(), reason="needs assets/tinyworld")
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_runs_fast_dev_run(name, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "run.py", f"+ablation={name}", "trainer.fast_dev_run=true",
+           f"hydra.run.dir={out}", f"data.root={tmp_path / 'data'}", "data.train_size=32",
+           "data.val_size=8", "data.test_size=8", "data.eval_size=4", "sampling.steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "WANDB_MODE": "offline"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]
+    assert (out / "metrics.json").exists()
+    damage = float(log.split("base damage at step 0")[1].split(":")[1].split()[0])
+    assert (damage > 0) == (name == "no_zero_conv"), damage

@@ -1,0 +1,198 @@
+"""compare on fixed synthetic run directories: statistics checked against a hand computation."""
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from cnexp.compare import compare, main, select_runs, split_key, summarize
+from cnexp.plots import sudden_step
+from cnexp.runs import FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
+from cnexp.stats import mean_ci, paired_difference
+
+T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (from a table)
+
+# eval/<setting>/shape_iou by ablation and seed; lite = baseline - 0.1 with a little noise.
+SHAPE_IOU = {
+    "baseline": {"perfect": [0.5, 0.6, 0.7], "none": [0.40, 0.45, 0.50]},
+    "lite": {"perfect": [0.41, 0.49, 0.60], "none": [0.10, 0.20, 0.30]},
+}
+
+
+def fake_run(sweep: Path, num: int, ablation: str, seed: int, final: dict | None,
+             status: str = "ok", knobs: dict | None = None) -> Path:
+    run = sweep / f"{num}_{ablation}-s{seed}"
+    (run / ".hydra").mkdir(parents=True)
+    config = {"ablation": ablation, "seed": seed, "optim": {"lr": 1e-3, **(knobs or {})}}
+    (run / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    (run / ".hydra" / "overrides.yaml").write_text(
+        yaml.safe_dump([f"+ablation={ablation}", f"seed={seed}"]))
+    record = {"status": status, **({"error": "boom: it broke"} if status == "failed" else {}),
+              **({"seconds": 60.0, "epoch": 1000.0 + 60 * num, "cpus": 2} if final else {})}
+    (run / "status.json").write_text(json.dumps(record))
+    if final is not None:
+        history = [{"step": 0, **{k: 0.1 for k in final}, "eval/seconds_total": 1.0},
+                   {"step": 10, **final, "eval/seconds_total": 2.0}]
+        (run / "metrics.json").write_text(json.dumps(
+            {"ablation": ablation, "seed": seed, "final": history[-1], "history": history,
+             "steps": 10, "fit_seconds": 50.0,
+             "sudden_convergence": {"step": 5}}))
+        (run / "samples").mkdir()
+        for step in (0, 10):
+            grid = Image.new("RGB", (20, 40), (step * 20, 0, 0))
+            grid.save(run / "samples" / f"step_{step:06d}.png")
+    return run
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    num = 0
+    for ablation, by_setting in SHAPE_IOU.items():
+        for seed in range(3):
+            final = {f"eval/{s}/shape_iou": v[seed] for s, v in by_setting.items()}
+            fake_run(tmp_path, num, ablation, seed, final,
+                     knobs={"prompt_dropout": 0.5 if ablation == "baseline" else 0.0})
+            num += 1
+    fake_run(tmp_path, num, "no_zero_conv", 0, None, status="failed")
+    fake_run(tmp_path, num + 1, "no_zero_conv", 1, None, status="running")
+    return tmp_path
+
+
+def test_mean_ci_matches_hand_computation():
+    est = mean_ci([0.5, 0.6, 0.7])
+    half = T_975_DF2 * 0.1 / math.sqrt(3)  # t * sd / sqrt(n), sd = 0.1
+    assert est.n == 3 and est.mean == pytest.approx(0.6) and est.sd == pytest.approx(0.1)
+    assert (est.low, est.high) == pytest.approx((0.6 - half, 0.6 + half))
+    assert math.isnan(mean_ci([0.3]).half_width) and mean_ci([]).n == 0
+
+
+def test_paired_difference_uses_only_common_seeds_and_is_tighter_than_unpaired():
+    diff = paired_difference({0: 0.41, 1: 0.49, 2: 0.60, 5: 9.0}, {0: 0.5, 1: 0.6, 2: 0.7})
+    half = T_975_DF2 * 0.01 / math.sqrt(3)  # differences -0.09, -0.11, -0.10: sd 0.01
+    assert diff.n == 3 and diff.mean == pytest.approx(-0.1)
+    assert diff.half_width == pytest.approx(half) and diff.excludes_zero
+
+
+def test_summary_table_per_setting_with_paired_differences(sweep):
+    records = load_sweep(sweep)
+    table = summarize(select_runs(records))
+    base, lite = table["shape_iou"]["baseline"], table["shape_iou"]["lite"]
+    assert set(base) == {"perfect", "none"} and base["perfect"].diff is None
+    assert base["perfect"].estimate.mean == pytest.approx(0.6)
+    assert lite["perfect"].diff.mean == pytest.approx(-0.1)
+    assert lite["perfect"].diff.half_width == pytest.approx(T_975_DF2 * 0.01 / math.sqrt(3))
+    # none: differences -0.30, -0.25, -0.20 -> mean -0.25, sd 0.05
+    assert lite["none"].diff.mean == pytest.approx(-0.25)
+    assert lite["none"].diff.half_width == pytest.approx(T_975_DF2 * 0.05 / math.sqrt(3))
+
+
+def test_report_lists_failed_incomplete_and_missing_runs(sweep, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    status = {(r["ablation"], r["seed"]): r for r in csv.DictReader((out / "runs.csv").open())}
+    assert status[("no_zero_conv", "0")]["status"] == FAILED
+    assert "boom" in status[("no_zero_conv", "0")]["error"]
+    assert status[("no_zero_conv", "1")]["status"] == INCOMPLETE
+    assert status[("no_zero_conv", "2")]["status"] == MISSING  # the grid ablation x seed
+    assert sum(r["status"] == OK for r in status.values()) == 6
+    report = (out / "report.md").read_text()
+    assert "boom: it broke" in report and "-0.100 ± 0.025 *" in report
+    assert "`optim.prompt_dropout=0.0`" in report  # the knob lite changes
+    assert "steps per run: 10" in report and "6.0 min" in report  # 6 jobs of 60 s, back to back
+    rows = list(csv.DictReader((out / "summary.csv").open()))
+    lite_perfect = next(r for r in rows if r["ablation"] == "lite" and r["setting"] == "perfect")
+    assert float(lite_perfect["diff_mean"]) == pytest.approx(-0.1)
+    for png in ["curves_shape_iou.png", "bars_shape_iou.png", "samples.png"]:
+        assert (out / png).stat().st_size > 1000, png
+
+
+def test_missing_jobs_come_from_the_sweep_definition(tmp_path):
+    conf = tmp_path / "conf"
+    (conf / "ablation").mkdir(parents=True)
+    for name in ["baseline", "lite", "other"]:
+        (conf / "ablation" / f"{name}.yaml").write_text("{}")
+    sweep = tmp_path / "sweep"
+    fake_run(sweep, 0, "baseline", 0, {"eval/shape_iou": 0.5})
+    fake_run(sweep, 1, "baseline", 1, {"eval/shape_iou": 0.6})
+    (sweep / "multirun.yaml").write_text(yaml.safe_dump({"hydra": {
+        "sweeper": {"params": {"seed": "0,1"}},
+        "overrides": {"task": ["+ablation=glob(*,exclude=other)"]},
+        "runtime": {"config_sources": [{"path": str(conf), "schema": "file"}]}}}))
+    records = load_sweep(sweep)
+    missing = sorted((r.ablation, r.seed) for r in records if r.status == MISSING)
+    assert missing == [("lite", 0), ("lite", 1)]
+
+
+def test_latest_finished_run_per_seed_counts_once(sweep):
+    again = fake_run(sweep / "rerun", 0, "baseline", 0, {"eval/perfect/shape_iou": 0.9})
+    records = load_sweep(sweep)
+    groups = select_runs(records)
+    assert [r.seed for r in groups["baseline"]] == [0, 1, 2]
+    assert groups["baseline"][0].path == again
+
+
+@pytest.mark.parametrize("entry, expected", [
+    (120, 120.0), ({"step": 80}, 80.0), ({"eval/perfect/shape_iou": {"step": 40}}, 40.0),
+    ({"perfect": 30}, 30.0), (None, None), ({"step": None}, None), ("never", None),
+    ({"metric": "eval/none/shape_iou", "step": 7}, None),
+    ({"metric": "shape_iou", "step": 7}, 7.0),
+    ({"shape_iou": {"step": 300, "threshold": 0.5, "steepest_rise_step": 200}}, 300.0)])
+def test_sudden_convergence_entries_of_any_shape(entry, expected):
+    assert sudden_step(entry, "eval/perfect/shape_iou") == expected
+
+
+def test_split_key():
+    assert split_key("eval/perfect/shape_iou") == ("perfect", "shape_iou")
+    assert split_key("eval/edge_f1") == ("default", "edge_f1")
+
+
+class FakeWandbRun:
+    def __init__(self, name, ablation, seed, value, state="finished"):
+        self.name, self.state = name, state
+        self.config = {"ablation": ablation, "seed": seed}
+        self.summary_metrics = {"eval/perfect/shape_iou": value, "_runtime": 3}
+
+    def scan_history(self):
+        return [{"_step": 0, "trainer/global_step": 0, "eval/perfect/shape_iou": 0.1},
+                {"_step": 1, "train/loss": 0.3}]
+
+
+class FakeWandbApi:
+    def runs(self, path, filters):
+        assert path == "me/cnexp" and filters == {"group": "paper"}
+        return [FakeWandbRun("baseline-s0", "baseline", 0, 0.5),
+                FakeWandbRun("baseline-s1", "baseline", 1, 0.7),
+                FakeWandbRun("lite-s0", "lite", 0, 0.4, state="crashed")]
+
+
+def test_wandb_runs_become_records():
+    """The --wandb path with a stand-in API object (the real one needs a network)."""
+    records = load_wandb("me/cnexp", "paper", api=FakeWandbApi())
+    assert [r.status for r in records] == [OK, OK, FAILED]
+    assert records[0].final == {"eval/perfect/shape_iou": 0.5}
+    assert records[0].history == [{"step": 0, "eval/perfect/shape_iou": 0.1}]
+    assert isinstance(records[0], RunRecord)
+
+
+def test_compare_writes_a_report_for_wandb_records(tmp_path):
+    records = load_wandb("me/cnexp", "paper", api=FakeWandbApi())
+    table = compare(records, tmp_path, "W&B me/cnexp/paper")
+    assert table["shape_iou"]["baseline"]["perfect"].estimate.mean == pytest.approx(0.6)
+    assert "crashed" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.skip(reason="needs a W&B account and network; offline here")
+def test_compare_reads_a_real_wandb_group():
+    main(["--wandb", "cnexp/cnexp", "--group", "paper_study"])
+
+
+def test_wandb_unreachable_is_one_clear_message(monkeypatch, capsys):
+    def offline(path, group):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr("cnexp.compare.load_wandb", offline)
+    assert main(["--wandb", "me/cnexp", "--group", "paper"]) == 2
+    assert "wandb login" in capsys.readouterr().err
