@@ -120,7 +120,7 @@ def main() -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
     def run_dir(tag):
-        return work / "runs" / tag
+        return work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", tag)
 
     variants = {
         "cnexp": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=True),
@@ -160,9 +160,10 @@ def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dic
         r["ratio"] = round(ref["step_s"] / r["step_s"], 2)
         print(f"{r['trainer']:32} {r['step_s']:9.4f} {r['images_s']:9.1f} {r['peak_rss_mib']:13d} "
               f"{r['ratio']:11.2f}x")
-    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp-l{args.rounds - 1}")}
+    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp_l{args.rounds - 1}")}
     if peer in variants:
-        losses[peer] = peer_losses(next(r for r in reversed(results) if r["name"] == peer)["outputs"])
+        last_peer = next(r for r in reversed(results) if r["name"] == peer)
+        losses[peer] = peer_losses("".join(last_peer["outputs"]))
     for name, curve in losses.items():
         if curve:
             n = len(curve)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import math
 import sys
 import time
@@ -25,8 +24,6 @@ from cnexp.runs import (FAILED, INCOMPLETE, MISSING, OK, RunRecord, is_metric, l
                         load_wandb)
 from cnexp.stats import Estimate, mean_ci, paired_difference
 from cnexp.sweep import knob_diff
-
-log = logging.getLogger("cnexp")
 
 SETTING_ORDER = ("curve", "default", "none", "insufficient", "conflicting", "perfect")
 # eval/curve/<metric>: a subset of the perfect-prompt images, scored often for the step curves;

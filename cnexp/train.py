@@ -80,7 +80,8 @@ def train(cfg: DictConfig) -> dict:
                "eval_seconds": round(evaluation.seconds, 1),
                "eval_share": round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
                "final_loss": float(trainer.callback_metrics.get("train/loss", torch.nan)),
-               "step0": evaluation.history[0], "final": evaluation.history[-1],
+               "step0": evaluation.history[0] if evaluation.history else {},
+               "final": evaluation.history[-1] if evaluation.history else {},
                "history": evaluation.history, "sudden_convergence": evaluation.sudden}
     if trainer.is_global_zero:
         if cfg.export:

@@ -153,7 +153,7 @@ def test_real_multirun_then_compare(tmp_path):
         for path in ["config.yaml", "metrics.json", "status.json", "controlnet/config.json",
                      ".hydra/overrides.yaml"]:
             assert (sweep / job / path).exists(), f"{job}/{path}"
-        assert list((sweep / job / "samples").glob("*.png"))
+        assert list((sweep / job / "samples").rglob("*.png"))
     assert compare_main([str(sweep)]) == 0
     out = sweep / "compare"
     assert "2 ok · 0 failed · 0 incomplete · 0 missing" in (out / "report.md").read_text()
