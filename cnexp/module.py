@@ -28,11 +28,15 @@ class ControlNetModule(L.LightningModule):
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The frozen base never changes: storing it in every checkpoint would only cost disk.
-        # (With control.sd_locked=false the UNet decoder trains, so its weights are kept.)
+        # Frozen weights never change: storing them in every checkpoint would only cost disk.
+        # Kept: whatever trains (with control.sd_locked=false, the UNet decoder too). Dropped:
+        # the base and the frozen parts of the control branch (XS's copy of the base), which
+        # the run rebuilds from the base on resume.
         state = checkpoint["state_dict"]
         trained = {name for name, p in self.named_parameters() if p.requires_grad}
-        for key in [k for k in state if k.startswith(FROZEN_PREFIXES) and k not in trained]:
+        frozen = {name for name, p in self.named_parameters() if not p.requires_grad}
+        for key in [k for k in state if k not in trained
+                    and (k.startswith(FROZEN_PREFIXES) or k in frozen)]:
             del state[key]
 
     def train(self, mode: bool = True):

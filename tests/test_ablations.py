@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from cnexp.control import BRANCHES, build_controlnet, count_trainable, decoder_parameters
 from cnexp.control.base_damage import METRIC, BaseDamageCallback, base_damage
-from cnexp.control.connectors import connector_convs, down_connectors, expected_weight_std, hint_conv
+from cnexp.control.connectors import (connector_convs, down_connectors, expected_weight_std,
+                                      hint_conv)
 from cnexp.control.lite import ControlNetLite, residual_layout
 from cnexp.control.xs import expand_to_two_layers
 from cnexp.module import ControlNetModule
@@ -147,7 +148,8 @@ def test_lite_returns_the_copys_residual_shapes_and_round_trips(tiny_cfg, tiny_b
     inputs = (torch.randn(2, 4, 16, 16), torch.tensor([1, 500]), torch.randn(2, 77, 64))
     kwargs = dict(controlnet_cond=torch.rand(2, 3, 64, 64), return_dict=False)
     with torch.no_grad():
-        (down_full, mid_full), (down_lite, mid_lite) = full(*inputs, **kwargs), lite(*inputs, **kwargs)
+        down_full, mid_full = full(*inputs, **kwargs)
+        down_lite, mid_lite = lite(*inputs, **kwargs)
         assert [d.shape for d in down_lite] == [d.shape for d in down_full]
         assert mid_lite.shape == mid_full.shape
         lite.save_pretrained(tmp_path)
@@ -193,6 +195,10 @@ def test_only_the_intended_parameters_train_in_their_own_groups(knobs, tiny_cfg,
         assert set(groups) == {"control"}
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
         sum(p.numel() for n, p in module.named_parameters() if n in trainable)
+    checkpoint = {"state_dict": module.state_dict()}  # holds what trains, and only that
+    module.on_save_checkpoint(checkpoint)
+    params = {n for n, _ in module.named_parameters()}
+    assert {k for k in checkpoint["state_dict"] if k in params} == trainable
 
 
 def test_xs_needs_a_four_channel_latent_base(tiny_cfg):
@@ -298,7 +304,8 @@ def test_every_branch_samples_the_base_at_step0(tiny_cfg, tiny_base, tiny_data):
 # ---- presets ------------------------------------------------------------------------------------
 def _flat(node, prefix=""):
     if isinstance(node, dict):
-        return {k: v for key, value in node.items() for k, v in _flat(value, f"{prefix}{key}.").items()}
+        return {k: v for key, value in node.items()
+                for k, v in _flat(value, f"{prefix}{key}.").items()}
     return {prefix[:-1]: node}
 
 

@@ -108,7 +108,7 @@ def test_clip_score_of_matching_captions_beats_mismatched_with_the_tiny_clip():
     from cnexp.tinyworld.shapes import scene_at
 
     scenes = [scene_at(seed=123, index=i, max_shapes=1) for i in range(16)]
-    images = torch.stack([torch.from_numpy(np.asarray(s.target())).permute(2, 0, 1)
+    images = torch.stack([torch.from_numpy(np.array(s.target())).permute(2, 0, 1)
                           for s in scenes])
     captions = [s.caption() for s in scenes]
     metric = clip_score_metric(str(TINY / "clip"))

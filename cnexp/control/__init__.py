@@ -18,6 +18,7 @@ from cnexp.config import ControlConfig
 from cnexp.control.connectors import (INIT_SCHEMES, INIT_SCOPES, init_connectors,
                                       silence_down_connectors)
 from cnexp.control.lite import ControlNetLite
+from cnexp.control.xs import build_xs
 from cnexp.validate import ConfigError
 
 BRANCHES = ("copy", "lite", "scratch", "xs")
@@ -35,9 +36,7 @@ def build_controlnet(unet: UNet2DConditionModel, cfg: ControlConfig) -> nn.Modul
     embedding = dict(conditioning_channels=cfg.conditioning_channels,
                      conditioning_embedding_out_channels=channels)
     if cfg.branch == "xs":
-        from cnexp.control.xs import build_xs  # imports diffusers' XS only when asked for
-
-        control = build_xs(unet, cfg)  # base part frozen inside
+        control = build_xs(unet, cfg)  # its copy of the base stays frozen inside
     else:
         if cfg.branch == "lite":
             control = ControlNetLite.from_unet(unet, **embedding)

@@ -136,7 +136,9 @@ class TriplesDataModule(L.LightningDataModule):
         workers = self.cfg.num_workers
         return DataLoader(self.datasets[split], batch_size=batch_size or self.cfg.batch_size,
                           sampler=sampler, num_workers=workers, drop_last=sampler is not None,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          # seeds the workers' RNG (random crops, caption picks) per epoch
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def train_dataloader(self) -> DataLoader:
         # On resume, Lightning has restored global_step before asking for the loader: start
