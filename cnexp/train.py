@@ -61,6 +61,7 @@ def train(cfg: DictConfig) -> dict:
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every)
     guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir), SaveOnSigterm(ckpt_dir)]
     loggers = build_loggers(cfg, out_dir)
+    damage = BaseDamageCallback(evaluation.batch)
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices, precision=cfg.trainer.precision,
@@ -68,7 +69,7 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
-        callbacks=[BaseDamageCallback(evaluation.batch), evaluation, checkpoints, *guards],
+        callbacks=[damage, evaluation, checkpoints, *guards],
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
     fit_start = time.perf_counter()
@@ -82,10 +83,13 @@ def train(cfg: DictConfig) -> dict:
                "final_loss": float(trainer.callback_metrics.get("train/loss", torch.nan)),
                "step0": evaluation.history[0] if evaluation.history else {},
                "final": evaluation.history[-1] if evaluation.history else {},
+               "base_damage_step0": damage.value, "controlnet_class": type(controlnet).__name__,
                "history": evaluation.history, "sudden_convergence": evaluation.sudden}
     if trainer.is_global_zero:
         if cfg.export:
             controlnet.save_pretrained(out_dir / "controlnet")
+            if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
+                base.unet.save_pretrained(out_dir / "unet")
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         summary["wall_seconds"] = round(time.perf_counter() - start, 1)
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
@@ -112,7 +116,8 @@ def report(out_dir: Path, summary: dict, loggers: list) -> None:
           f"rise at step {c['steepest_rise_step']}"
           for m, c in summary["sudden_convergence"].items()),
         f"  run directory     {out_dir}",
-        f"  controlnet        {out_dir / 'controlnet'}  (ControlNetModel.from_pretrained)",
+        f"  controlnet        {out_dir / 'controlnet'}  ({summary['controlnet_class']}"
+        ".from_pretrained)",
         f"  sample grids      {out_dir / 'samples'}/<prompt setting>  (condition | sample | real)",
         f"  metrics           {out_dir / 'metrics.json'}, {out_dir / 'csv' / 'metrics.csv'}",
     ]

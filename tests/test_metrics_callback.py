@@ -1,12 +1,18 @@
-"""The evaluation callback inside a real (one-step) training run."""
+"""The evaluation callback: its sampling shortcuts, its DDP split, a real one-step run."""
 from __future__ import annotations
 
 import json
 
 import pytest
+import torch
+from omegaconf import OmegaConf
 
-from cnexp.metrics.callbacks import block
+from cnexp.config import EvalConfig
+from cnexp.control import build_controlnet
+from cnexp.metrics.callbacks import EvaluationCallback, block
 from cnexp.metrics.prompts import SETTINGS
+from cnexp.module import ControlNetModule
+from cnexp.sampling import generate, make_pipeline
 
 from conftest import TINY, compose_cfg
 
@@ -16,6 +22,23 @@ def test_ranks_share_the_evaluation_set_in_contiguous_blocks():
         blocks = [block(n, rank, world) for rank in range(world)]
         assert blocks[0][0] == 0 and blocks[-1][1] == n
         assert all(hi == lo for (_, hi), (lo, _) in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.skipif(not (TINY / "model_index.json").exists(),
+                    reason="needs the tiny world bundle at assets/tinyworld")
+def test_the_no_prompt_setting_samples_without_guidance_and_gets_the_same_images(
+        tiny_cfg, tiny_base, tmp_path):
+    """The callback samples the empty-prompt setting at guidance 1 (half the cost): guidance
+    mixes two equal predictions there, so the images must not change."""
+    module = ControlNetModule(tiny_base, build_controlnet(tiny_base.unet, tiny_cfg.control),
+                              tiny_cfg.optim)
+    conditions = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    guided = OmegaConf.merge(tiny_cfg.sampling, {"guidance_scale": 3.0, "steps": 3})
+    batch = {"condition": conditions, "image": conditions * 2 - 1, "caption": ["x", "y"]}
+    callback = EvaluationCallback(batch, guided, OmegaConf.structured(EvalConfig()), tmp_path)
+    a = generate(make_pipeline(module, guided, False), conditions, ["", ""], guided)
+    b = callback.sample(module, ["", ""], 0, 2)
+    assert (a - b).abs().max() < 1e-4
 
 
 @pytest.mark.slow
