@@ -7,10 +7,11 @@ with Hydra's message instead of being silently ignored.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 
 @dataclass
@@ -131,6 +132,8 @@ class TrainerConfig:
     precision: str = "32-true"
     accelerator: str = "auto"
     devices: Any = 1
+    strategy: str = "auto"  # ddp for several processes (trainer=ddp_cpu, or GPUs / nodes)
+    num_nodes: int = 1
     log_every_n_steps: int = 10
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
@@ -173,5 +176,10 @@ class TrainConfig:
     ckpt_path: Optional[str] = None  # "last" (this run dir's checkpoints/last.ckpt) or a path  # save the trained ControlNet with save_pretrained
 
 
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    # the shipped assets live beside the package, whatever directory run.py is started from
+    OmegaConf.register_new_resolver("cnexp_root", lambda: str(PROJECT_ROOT), replace=True)

@@ -62,7 +62,7 @@ class ControlNetModule(L.LightningModule):
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), a fresh posterior sample
         (the same draw as `latent_dist.sample(generator)`), from cached moments when possible."""
         mean, std = self.cache.moments(self._vae_moments, images, indices).chunk(2, dim=1)
-        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        noise = self.draw(torch.randn, mean.shape, generator, dtype=mean.dtype)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -87,10 +87,19 @@ class ControlNetModule(L.LightningModule):
         draws exactly what the uninterrupted run drew."""
         return torch.Generator(self.device).manual_seed(self.seed * 1_000_003 + self.global_step)
 
+    def draw(self, sampler, shape: torch.Size | tuple, generator: torch.Generator, **kwargs):
+        """`sampler(shape)` for this rank's samples. Draws are made for the whole global batch
+        and this rank keeps its positions (rank, rank + world, ..., as the data sampler deals
+        them), so DDP sees the same noise per sample as one process with the same global batch."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) \
+            if self._trainer is not None else (0, 1)
+        full = sampler(*kwargs.pop("args", ()), (shape[0] * world, *shape[1:]),
+                       generator=generator, device=self.device, **kwargs)
+        return full[rank::world]
+
     def drop_prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
         """Replace each caption by "" with probability `prompt_dropout` (per sample)."""
-        keep = torch.rand(len(captions), generator=generator, device=self.device) >= \
-            self.optim.prompt_dropout
+        keep = self.draw(torch.rand, (len(captions),), generator) >= self.optim.prompt_dropout
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
 
     def drop_conditions(self, conditions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -99,17 +108,16 @@ class ControlNetModule(L.LightningModule):
         other random draws of a run do not move."""
         if not self.optim.condition_dropout:
             return conditions
-        keep = torch.rand(len(conditions), generator=generator, device=self.device) >= \
-            self.optim.condition_dropout
+        keep = self.draw(torch.rand, (len(conditions),), generator) >= self.optim.condition_dropout
         return conditions * keep.to(conditions.dtype).view(-1, 1, 1, 1)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         indices = batch["index"].tolist() if "index" in batch else None
         latents = self.encode_images(batch["image"], generator, indices)
         text = self.encode_prompts(self.drop_prompts(list(batch["caption"]), generator))
-        noise = torch.randn(latents.shape, generator=generator, device=self.device)
-        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],),
-                          generator=generator, device=self.device)
+        noise = self.draw(torch.randn, latents.shape, generator)
+        steps = self.noise_scheduler.config.num_train_timesteps
+        t = self.draw(torch.randint, (latents.shape[0],), generator, args=(0, steps))
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
         pred = self.controlled_unet(noisy, t, text, condition)
@@ -124,7 +132,9 @@ class ControlNetModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self.step_generator())
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]))
+        # under DDP the logged loss is the global batch's mean, as one process would log it
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]),
+                 sync_dist=self.trainer.world_size > 1)
         if self.cache.hits + self.cache.misses:
             self.log("perf/cache_hit_rate", self.cache.hits / (self.cache.hits + self.cache.misses))
         return loss

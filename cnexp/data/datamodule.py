@@ -145,9 +145,15 @@ class TriplesDataModule(L.LightningDataModule):
         # exactly where the interrupted run stopped (a plain loader would restart the epoch).
         trainer = getattr(self, "trainer", None)
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
-        batch = min(self.cfg.batch_size, len(self.datasets["train"]))
-        sampler = ResumableShuffleSampler(len(self.datasets["train"]), batch, self.seed, consumed)
-        return self._loader("train", sampler, batch)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+        batch = min(self.cfg.batch_size, len(self.datasets["train"]))  # global: split by rank
+        if batch % world:
+            raise DataError(f"data.batch_size={batch} is the global batch and must split evenly "
+                            f"over the {world} training processes: set data.batch_size to a "
+                            f"multiple of {world}")
+        sampler = ResumableShuffleSampler(len(self.datasets["train"]), batch, self.seed, consumed,
+                                          rank, world)
+        return self._loader("train", sampler, batch // world)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
