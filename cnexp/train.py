@@ -20,7 +20,7 @@ from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
-from cnexp.reliability import NonFiniteGuard, SaveOnSigterm
+from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO, SaveOnSigterm
 from cnexp.sweep import wandb_identity
 from cnexp.validate import validate
 
@@ -48,6 +48,9 @@ def train(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
+    if cfg.trainer.accelerator == "cpu" and isinstance(cfg.trainer.devices, int):
+        # CPU processes share the cores: n processes on n cores must not each spawn n threads
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, cfg.trainer.devices)))
 
     base = load_base(cfg.base)
     controlnet = build_controlnet(base.unet, cfg.control)
@@ -65,11 +68,14 @@ def train(cfg: DictConfig) -> dict:
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices, precision=cfg.trainer.precision,
+        strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
+        use_distributed_sampler=False,  # the data module deals global batches to the ranks
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
         gradient_clip_val=cfg.trainer.gradient_clip_val,
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
         callbacks=[damage, evaluation, checkpoints, *guards],
+        plugins=[SafeCheckpointIO(module)],  # atomic saves; resume checks the keys
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
     fit_start = time.perf_counter()

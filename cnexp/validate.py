@@ -1,7 +1,13 @@
 """Range checks the type system cannot express; each names the override that fixes it."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
 
@@ -20,7 +26,8 @@ def validate(cfg: DictConfig) -> None:
         (cfg.optim.decoder_lr > 0, "optim.decoder_lr",
          f"is {cfg.optim.decoder_lr}; the learning rate must be > 0"),
         (cfg.data.resolution > 0 and cfg.data.resolution % 8 == 0, "data.resolution",
-         f"is {cfg.data.resolution}; use a positive multiple of 8 (the VAE's downsampling)"),
+         f"is {cfg.data.resolution}; use a positive multiple of 8 (the VAE's downsampling), "
+         f"e.g. {max(8, cfg.data.resolution // 8 * 8)}"),
         (cfg.data.batch_size > 0, "data.batch_size", f"is {cfg.data.batch_size}; must be > 0"),
         (cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps",
          f"is {cfg.trainer.max_steps}; must be > 0"),
@@ -32,6 +39,44 @@ def validate(cfg: DictConfig) -> None:
     for ok, key, why in checks:
         if not ok:
             raise ConfigError(f"{key} {why} (override it: python run.py {key}=...)")
+    output_dir = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
+    if output_dir is not None:
+        check_writable(output_dir, "paths.output_dir")
     from cnexp.control import check_control  # the control knobs' choices and combinations
 
     check_control(cfg.control)
+
+
+def check_writable(path: str | Path, key: str) -> None:
+    """`path` is, or can be made, a writable directory; decided without creating anything."""
+    probe = Path(path).expanduser().absolute()
+    while not probe.exists():  # the nearest existing ancestor decides (exists() is False
+        probe = probe.parent   # below a file too)
+    if not probe.is_dir():
+        why = f"{probe} is a file, not a directory"
+    elif not os.access(probe, os.W_OK | os.X_OK):
+        why = f"{probe} is not writable"
+    else:
+        return
+    raise ConfigError(f"{key}='{path}' cannot be created: {why}; choose a writable directory "
+                      f"(python run.py {key}=/path/to/dir)")
+
+
+class OutputDirCheck(Callback):
+    """Hydra creates the run (sweep) directory before run.py's main starts, failing with a
+    traceback: check it first and exit like run.py does for every user error (code 2)."""
+
+    def _check(self, config: DictConfig, key: str) -> None:
+        path = OmegaConf.select(config, key, throw_on_resolution_failure=False)
+        try:
+            if path is not None:
+                check_writable(str(path), key)
+        except ConfigError as err:
+            print(err, file=sys.stderr)
+            sys.exit(2)
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.run.dir")
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._check(config, "hydra.sweep.dir")
