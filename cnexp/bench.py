@@ -1,6 +1,6 @@
 """Training throughput: cnexp side by side with diffusers' examples/controlnet/train_controlnet.py.
 
-    python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2]
+    python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers fused,compile,workers] [--default-run]
 
 Both trainers get the same tiny-world base, the same 256 training triples (64 px), batch size,
 fp32, AdamW (lr 1e-3), and the same ControlNet architecture. Each is run as a subprocess for
@@ -25,6 +25,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, LR, N_TRAIN = 16, 1e-3, 256
+LEVERS = {"fused": "optim.fused=true", "compile": "trainer.compile=true",
+          "workers": "data.num_workers=2"}
 
 
 def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
@@ -40,13 +42,13 @@ def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:
     return seconds, usage.ru_maxrss / 1024, output
 
 
-def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool) -> list[str]:
+def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool, *extra: str) -> list[str]:
     return [sys.executable, "run.py", f"hydra.run.dir={out}", f"trainer.max_steps={steps}",
             f"data.root={data}", f"data.train_size={N_TRAIN}", "data.val_size=8",
             "data.test_size=8", f"data.batch_size={BATCH}", f"optim.lr={LR}",
             "optim.prompt_dropout=0.5", f"cache.latents={cache}", f"cache.text={cache}",
             "eval.enabled=false", "export=false", "logger.mode=disabled",
-            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1"]
+            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *extra]
 
 
 def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet: Path) -> list[str]:
@@ -91,17 +93,14 @@ def peer_losses(output: str) -> list[float]:
     return [float(x) for x in re.findall(r"step_loss=([0-9.]+)", output)]
 
 
-def measure(name: str, make_cmd, warmup: int, steps: int, rounds: int, env: dict) -> dict:
-    per_step, rss, losses = [], [], []
-    for r in range(rounds):
-        short, _, _ = _run(make_cmd(warmup, f"{name}-w{r}"), env)
-        long, peak, output = _run(make_cmd(warmup + steps, f"{name}-l{r}"), env)
-        per_step.append((long - short) / steps)
-        rss.append(peak)
-        losses.append(output)
-    step = statistics.median(per_step)
-    return {"name": name, "step_s": step, "images_s": BATCH / step, "peak_rss_mib": max(rss),
-            "outputs": losses}
+def measure(name: str, make_cmd, warmup: int, steps: int, rnd: int, env: dict) -> dict:
+    """One round: a short and a long run; their difference is `steps` steady-state steps."""
+    short, _, _ = _run(make_cmd(warmup, f"{name}-w{rnd}"), env)
+    long, peak, output = _run(make_cmd(warmup + steps, f"{name}-l{rnd}"), env)
+    step = (long - short) / steps
+    return {"name": name, "step_s": step, "images_s": BATCH / step, "peak_rss_mib": peak,
+            "fixed_s": short - warmup * step,  # start-up, loading, caching, compiling
+            "outputs": [output]}
 
 
 def main() -> None:
@@ -111,6 +110,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--levers", default="",
+                        help="comma list of cnexp levers to measure too: " + ", ".join(LEVERS))
+    parser.add_argument("--default-run", action="store_true",
+                        help="also run the default experiment (python run.py) and report its "
+                             "wall time, evaluation share and peak RSS")
     args = parser.parse_args()
 
     from cnexp.tinyworld.shapes import ensure_tiny_dataset
@@ -126,6 +130,11 @@ def main() -> None:
         "cnexp": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=True),
         "cnexp (no cache)": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=False),
     }
+    for lever in filter(None, args.levers.split(",")):  # each alone, on top of the default
+        if lever not in LEVERS:
+            sys.exit(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
+        name, knob = f"cnexp + {LEVERS[lever]}", LEVERS[lever]
+        variants[name] = lambda n, tag, knob=knob: cnexp_cmd(n, run_dir(tag), data, True, knob)
     if args.diffusers_src:
         script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
         if not script.exists():
@@ -137,11 +146,26 @@ def main() -> None:
     results = []
     for rnd in range(args.rounds):  # alternate the trainers so drifts hit all of them alike
         for name, make in variants.items():
-            res = measure(name, make, args.warmup, args.steps, 1, env)
+            res = measure(name, make, args.warmup, args.steps, rnd, env)
             results.append({**res, "round": rnd})
     table = summarize(results, variants, work, args)
+    if args.default_run:
+        table.append(default_run(work / "runs" / "default", env))
     if args.json:
         args.json.write_text(json.dumps(table, indent=1))
+
+
+def default_run(out: Path, env: dict) -> dict:
+    """The default experiment, unchanged: how much of its wall time evaluation takes."""
+    wall, peak, _ = _run([sys.executable, "run.py", f"hydra.run.dir={out}",
+                          "trainer.enable_progress_bar=false"], env)
+    summary = json.loads((out / "metrics.json").read_text())
+    row = {"trainer": "default run (python run.py)", "wall_s": round(wall, 1),
+           "eval_s": summary["eval_seconds"], "eval_share": summary["eval_share"],
+           "peak_rss_mib": round(peak)}
+    print(f"default run: {row['wall_s']} s wall, evaluation {row['eval_s']} s = "
+          f"{100 * row['eval_share']:.0f}% of training+evaluation, peak RSS {row['peak_rss_mib']} MiB")
+    return row
 
 
 def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dict]:
@@ -151,16 +175,19 @@ def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dic
         mine = [r for r in results if r["name"] == name]
         step = statistics.median(r["step_s"] for r in mine)
         rows.append({"trainer": name, "step_s": round(step, 4), "images_s": round(BATCH / step, 1),
-                     "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine))})
+                     "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine)),
+                     "fixed_s": round(statistics.median(r["fixed_s"] for r in mine), 1)})
     ref = next((r for r in rows if r["trainer"] == peer), rows[1])
     print(f"\nsteady-state training, tiny world 64 px, batch {BATCH}, fp32, "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads {os.cpu_count()}")
-    print(f"{'trainer':32} {'step (s)':>9} {'images/s':>9} {'peak RSS MiB':>13} {'vs ' + ref['trainer']:>12}")
+    print(f"{'trainer':32} {'step (s)':>9} {'images/s':>9} {'peak RSS MiB':>13} "
+          f"{'fixed (s)':>10} {'vs ' + ref['trainer']:>12}")
     for r in rows:
         r["ratio"] = round(ref["step_s"] / r["step_s"], 2)
         print(f"{r['trainer']:32} {r['step_s']:9.4f} {r['images_s']:9.1f} {r['peak_rss_mib']:13d} "
-              f"{r['ratio']:11.2f}x")
-    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp_l{args.rounds - 1}")}
+              f"{r['fixed_s']:10.1f} {r['ratio']:11.2f}x")
+    print("fixed (s): start-up, loading, caching and compiling, outside the steady state")
+    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp_l{args.rounds - 1}")}  # last round
     if peer in variants:
         last_peer = next(r for r in reversed(results) if r["name"] == peer)
         losses[peer] = peer_losses("".join(last_peer["outputs"]))

@@ -47,6 +47,8 @@ class OptimConfig:
     prompt_dropout: float = 0.5  # share of captions replaced by "" (paper: 50%)
     condition_dropout: float = 0.0  # share of conditions replaced by zeros (Uni-ControlNet style)
     decoder_lr: float = 2e-6  # UNet decoder's learning rate when control.sd_locked=false
+    fused: bool = False  # torch's fused AdamW kernel (one kernel per step instead of a loop)
+    eight_bit: bool = False  # bitsandbytes' AdamW8bit (GPU memory option for big bases)
 
 
 @dataclass
@@ -139,6 +141,9 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: int = 0  # 0: four times per run (and always at the end)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    compile: bool = False  # torch.compile the control branch (compile time is part of the run)
+    gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
+    tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from cnexp.base import BaseBundle
 from cnexp.config import OptimConfig
 from cnexp.control import controlled_prediction
 from cnexp.encode_cache import FrozenEncoderCache
+from cnexp.errors import CnexpError
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
@@ -147,5 +148,13 @@ class ControlNetModule(L.LightningModule):
         decoder = [p for p in self.unet.parameters() if p.requires_grad]
         if decoder:
             groups.append({"name": "decoder", "lr": self.optim.decoder_lr, "params": decoder})
-        return torch.optim.AdamW(groups, lr=self.optim.lr, weight_decay=self.optim.weight_decay,
-                                 betas=tuple(self.optim.betas))
+        kwargs = {"lr": self.optim.lr, "weight_decay": self.optim.weight_decay,
+                  "betas": tuple(self.optim.betas)}
+        if self.optim.eight_bit:
+            try:
+                import bitsandbytes
+            except ImportError as err:
+                raise CnexpError("optim.eight_bit=true needs bitsandbytes (pip install "
+                                 "bitsandbytes; CUDA only), or set optim.eight_bit=false") from err
+            return bitsandbytes.optim.AdamW8bit(groups, **kwargs)
+        return torch.optim.AdamW(groups, fused=self.optim.fused or None, **kwargs)

@@ -41,6 +41,19 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     return loggers
 
 
+def apply_speed_options(trainer_cfg, base, controlnet) -> None:
+    """trainer.tf32 / gradient_checkpointing / compile (README "Performance" measures them)."""
+    if trainer_cfg.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if trainer_cfg.gradient_checkpointing:
+        # the frozen UNet's activations are kept for backward too: the residuals flow through it
+        for model in (controlnet, base.unet):
+            if getattr(model, "_supports_gradient_checkpointing", False):
+                model.enable_gradient_checkpointing()
+    if trainer_cfg.compile:
+        controlnet.compile()  # in place: parameter names (checkpoints, export) stay the same
+
+
 def train(cfg: DictConfig) -> dict:
     """The whole experiment. Returns (and writes to metrics.json) the run's summary."""
     validate(cfg)
@@ -54,6 +67,7 @@ def train(cfg: DictConfig) -> dict:
 
     base = load_base(cfg.base)
     controlnet = build_controlnet(base.unet, cfg.control)
+    apply_speed_options(cfg.trainer, base, controlnet)
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache)
     data = TriplesDataModule(cfg.data, seed=cfg.seed)

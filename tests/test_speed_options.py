@@ -1,0 +1,73 @@
+"""The performance levers (issue 7): each knob does what it says and leaves the objective alone."""
+import sys
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from cnexp.control import build_controlnet
+from cnexp.errors import CnexpError
+from cnexp.module import ControlNetModule
+from cnexp.train import apply_speed_options
+
+
+def _batch(tiny_data, n=4):
+    items = [tiny_data.datasets["train"][i] for i in range(n)]
+    return {"condition": torch.stack([x["condition"] for x in items]),
+            "image": torch.stack([x["image"] for x in items]),
+            "caption": [x["caption"] for x in items]}
+
+
+def _options(**knobs):
+    base = {"tf32": False, "gradient_checkpointing": False, "compile": False}
+    return OmegaConf.create({**base, **knobs})
+
+
+def _loss_and_grads(module, batch):
+    module.controlnet.zero_grad()
+    loss = module.diffusion_loss(batch, torch.Generator().manual_seed(0))
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in module.controlnet.parameters()
+                           if p.grad is not None]
+
+
+def test_fused_adamw_is_used_when_asked(tiny_cfg, tiny_base):
+    optim = OmegaConf.merge(tiny_cfg.optim, {"fused": True})
+    module = ControlNetModule(tiny_base, build_controlnet(tiny_base.unet, tiny_cfg.control), optim)
+    assert module.configure_optimizers().defaults["fused"] is True
+    plain = ControlNetModule(tiny_base, module.controlnet, tiny_cfg.optim)
+    assert not plain.configure_optimizers().defaults["fused"]
+
+
+def test_eight_bit_adam_without_bitsandbytes_names_the_fix(tiny_cfg, tiny_base, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    optim = OmegaConf.merge(tiny_cfg.optim, {"eight_bit": True})
+    module = ControlNetModule(tiny_base, build_controlnet(tiny_base.unet, tiny_cfg.control), optim)
+    with pytest.raises(CnexpError, match="optim.eight_bit=false"):
+        module.configure_optimizers()
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny_cfg, tiny_base, tiny_data):
+    batch = _batch(tiny_data)
+    controlnet = build_controlnet(tiny_base.unet, tiny_cfg.control)
+    torch.nn.init.normal_(controlnet.controlnet_mid_block.weight, std=0.01)  # non-zero grads
+    module = ControlNetModule(tiny_base, controlnet, tiny_cfg.optim)
+    loss, grads = _loss_and_grads(module, batch)
+    apply_speed_options(_options(gradient_checkpointing=True), tiny_base, controlnet)
+    try:
+        assert controlnet.is_gradient_checkpointing and tiny_base.unet.is_gradient_checkpointing
+        loss_ckpt, grads_ckpt = _loss_and_grads(module, batch)
+    finally:  # the base is shared by the session's tests
+        tiny_base.unet.disable_gradient_checkpointing()
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert len(grads) == len(grads_ckpt) > 0
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_keeps_the_parameter_names(tiny_cfg, tiny_base):
+    controlnet = build_controlnet(tiny_base.unet, tiny_cfg.control)
+    names = list(controlnet.state_dict())
+    apply_speed_options(_options(compile=True), tiny_base, controlnet)
+    assert controlnet._compiled_call_impl is not None  # forward goes through torch.compile
+    assert list(controlnet.state_dict()) == names  # checkpoints and export are unchanged
