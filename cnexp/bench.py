@@ -90,7 +90,8 @@ def cnexp_losses(out: Path) -> list[float]:
 
 
 def peer_losses(output: str) -> list[float]:
-    return [float(x) for x in re.findall(r"step_loss=([0-9.]+)", output)]
+    """The script's tqdm postfix (`loss=0.0561, lr=...`): most steps, as the bar refreshes."""
+    return [float(x) for x in re.findall(r"(?<![_a-z])loss=([0-9.]+(?:e-?[0-9]+)?)", output)]
 
 
 def measure(name: str, make_cmd, warmup: int, steps: int, rnd: int, env: dict) -> dict:
@@ -176,7 +177,8 @@ def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dic
         step = statistics.median(r["step_s"] for r in mine)
         rows.append({"trainer": name, "step_s": round(step, 4), "images_s": round(BATCH / step, 1),
                      "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine)),
-                     "fixed_s": round(statistics.median(r["fixed_s"] for r in mine), 1)})
+                     "fixed_s": round(statistics.median(r["fixed_s"] for r in mine), 1),
+                     "rounds_step_s": [round(r["step_s"], 4) for r in mine]})
     ref = next((r for r in rows if r["trainer"] == peer), rows[1])
     print(f"\nsteady-state training, tiny world 64 px, batch {BATCH}, fp32, "
           f"{args.steps} timed steps x {args.rounds} rounds, torch threads {os.cpu_count()}")
@@ -185,7 +187,8 @@ def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dic
     for r in rows:
         r["ratio"] = round(ref["step_s"] / r["step_s"], 2)
         print(f"{r['trainer']:32} {r['step_s']:9.4f} {r['images_s']:9.1f} {r['peak_rss_mib']:13d} "
-              f"{r['fixed_s']:10.1f} {r['ratio']:11.2f}x")
+              f"{r['fixed_s']:10.1f} {r['ratio']:11.2f}x   rounds: "
+              + ", ".join(f"{x:.4f}" for x in r["rounds_step_s"]))
     print("fixed (s): start-up, loading, caching and compiling, outside the steady state")
     losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp_l{args.rounds - 1}")}  # last round
     if peer in variants:

@@ -173,6 +173,28 @@ def knob_lines(groups: dict[str, list[RunRecord]], baseline: str) -> list[list[s
     return rows
 
 
+def dynamics_rows(groups: dict[str, list[RunRecord]]) -> list[list[str]]:
+    """Per ablation, seed by seed: base damage at step 0, the step-0 and final value of the
+    sudden-convergence metric, the step it first crosses its threshold and the steepest rise."""
+    rows = []
+    for label, runs in groups.items():
+        cells = {"damage": [], "curve": [], "cross": [], "rise": []}
+        for run in runs:
+            entry = next(iter(run.sudden.items()), None) if isinstance(run.sudden, dict) else None
+            name, info = entry if entry and isinstance(entry[1], dict) else ("?", {})
+            first = next((row for row in run.history if f"eval/curve/{name}" in row), {})
+            cells["damage"].append(_num(run.base_damage) if run.base_damage is not None else "?")
+            start = first.get(f"eval/curve/{name}")
+            cells["curve"].append(f"{name} {_num(start) if start is not None else '?'} → "
+                                  f"{_num(info['final']) if info.get('final') is not None else '?'}")
+            cells["cross"].append(str(info.get("step", "?")) if info.get("step") is not None
+                                  else "never")
+            cells["rise"].append(str(info.get("steepest_rise_step", "?")))
+        rows.append([label, ", ".join(str(r.seed) for r in runs),
+                     *("; ".join(values) for values in cells.values())])
+    return rows
+
+
 def budget_lines(groups: dict[str, list[RunRecord]]) -> list[str]:
     """Steps, time and machine of the finished runs, from metrics.json and status.json."""
     budgets = [r.budget for runs in groups.values() for r in runs if r.budget]
@@ -231,6 +253,13 @@ def markdown(table, groups, records, baseline: str, figures: list[Path], source:
         if diffs:
             out += ["", f"Δ vs `{baseline}`, paired by seed, ± {pct} CI:", ""]
             out += _md_table(["ablation", *settings], diffs)
+    out += ["", "## Step 0 and sudden convergence", "",
+            "Seed by seed. Base damage: MSE between the controlled and the base model's noise "
+            "prediction before any update (0 = the run starts as the base). Curve: the fidelity "
+            "curve's metric (first eval.curve_images images, perfect prompt) at step 0 → the "
+            "end; crosses: first evaluated step at or past eval.convergence_threshold.", ""]
+    out += _md_table(["ablation", "seeds", "base damage at step 0", "curve", "crosses at step",
+                      "steepest rise at step"], dynamics_rows(groups))
     out += ["", "## Budget", ""] + budget_lines(groups)
     if figures:
         out += ["", "## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figures]

@@ -40,6 +40,7 @@ class RunRecord:
     final: dict[str, float] = field(default_factory=dict)  # eval/... at the last evaluation
     history: list[dict] = field(default_factory=list)  # [{"step": s, "eval/...": v}, ...]
     sudden: Any = None  # metrics.json's `sudden_convergence`, whatever its shape
+    base_damage: Optional[float] = None  # metrics.json's `base_damage_step0`
     samples: dict[str, Path] = field(default_factory=dict)  # prompt setting -> last grid PNG
     budget: dict[str, Any] = field(default_factory=dict)  # steps, seconds, machine
 
@@ -110,6 +111,7 @@ def read_run(run_dir: Path) -> RunRecord:
         record.history = [{"step": row["step"], **_numbers(row)}
                           for row in metrics.get("history") or [] if "step" in row]
         record.sudden = metrics.get("sudden_convergence")
+        record.base_damage = metrics.get("base_damage_step0")
         record.samples = last_grids(run_dir / "samples")
         record.budget = {k: v for k, v in {**status, **metrics}.items() if k in BUDGET_KEYS}
     else:

@@ -196,3 +196,20 @@ def test_wandb_unreachable_is_one_clear_message(monkeypatch, capsys):
     monkeypatch.setattr("cnexp.compare.load_wandb", offline)
     assert main(["--wandb", "me/cnexp", "--group", "paper"]) == 2
     assert "wandb login" in capsys.readouterr().err
+
+
+def test_dynamics_table_reads_base_damage_and_sudden_convergence_per_seed():
+    from cnexp.compare import dynamics_rows
+    from cnexp.runs import RunRecord
+
+    def run(seed, damage, cross):
+        return RunRecord(name=f"x-s{seed}", ablation="no_zero_conv", seed=seed, status="ok",
+                         base_damage=damage,
+                         history=[{"step": 0, "eval/curve/shape_iou": 0.2}],
+                         sudden={"shape_iou": {"step": cross, "steepest_rise_step": 100,
+                                               "final": 0.7, "threshold": 0.5}})
+
+    [row] = dynamics_rows({"no_zero_conv": [run(0, 0.009, 200), run(1, 0.0, None)]})
+    assert row[:3] == ["no_zero_conv", "0, 1", "0.009; 0.000"]
+    assert row[3] == "shape_iou 0.200 → 0.700; shape_iou 0.200 → 0.700"
+    assert row[4:] == ["200; never", "100; 100"]
