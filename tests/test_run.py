@@ -37,8 +37,9 @@ def test_fast_dev_run_trains_evaluates_and_exports(tmp_path_factory):
 @pytest.mark.slow
 def test_run_writes_everything_and_says_where(short_run):
     out, stdout = short_run
-    for path in ["controlnet/config.json", "metrics.json", "config.yaml", "samples/step_000000.png",
-                 "csv/metrics.csv"]:
+    grids = [f"samples/{setting}/step_00000{step}.png"
+             for setting in ("none", "insufficient", "conflicting", "perfect") for step in (0, 2)]
+    for path in ["controlnet/config.json", "metrics.json", "config.yaml", "csv/metrics.csv", *grids]:
         assert (out / path).exists(), path
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
     metrics = json.loads((out / "metrics.json").read_text())
