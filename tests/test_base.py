@@ -3,7 +3,6 @@ import sys
 import time
 
 import pytest
-import torch
 
 from cnexp.base import BaseModelUnavailable, load_base
 from conftest import ROOT, compose_cfg

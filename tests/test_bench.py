@@ -1,5 +1,4 @@
 """The benchmark's bookkeeping (its timings are printed by `python -m cnexp.bench`, never asserted)."""
-from pathlib import Path
 
 from cnexp.bench import LEVERS, cnexp_cmd, peer_losses, summarize
 

@@ -12,18 +12,7 @@ import csv
 import json
 from pathlib import Path
 
-from cnexp.data.images import IMAGE_SUFFIXES, DataError, Sample, open_rgb
-
-
-def _as_captions(value, where: str, column: str) -> list[str]:
-    if value is None:
-        return [""]
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(c, str) for c in value):
-        return value or [""]
-    raise DataError(f"{where}: column '{column}' must be a string or a list of strings, "
-                    f"got {type(value).__name__}")
+from cnexp.data.images import IMAGE_SUFFIXES, DataError, Sample, caption_list, open_rgb
 
 
 def _check_column(record: dict, column: str, where: str) -> None:
@@ -47,7 +36,7 @@ def _read_jsonl(path: Path, column: str) -> list[tuple[str, list[str], str]]:
         if not isinstance(record, dict) or "file_name" not in record:
             raise DataError(f"{where} lacks key 'file_name': each line names its image file")
         _check_column(record, column, where)
-        entries.append((record["file_name"], _as_captions(record[column], where, column), where))
+        entries.append((record["file_name"], caption_list(record[column], where, f"column '{column}'"), where))
     return entries
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import DataError, Sample, open_rgb, resize_shorter
+from cnexp.data.images import DataError, Sample, caption_list, open_rgb, resize_shorter
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "load_rgb", "read_index"]
 
@@ -70,15 +70,6 @@ def load_rgb(path: Path, resolution: int) -> np.ndarray:
     return image[top:top + resolution, left:left + resolution].copy()
 
 
-def _captions(value, where: str) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if isinstance(value, list) and all(isinstance(c, str) for c in value):
-        return value or [""]
-    raise DataError(f"{where}: 'prompt' must be a string or a list of strings, "
-                    f"got {type(value).__name__}")
-
-
 class Fill50kSource:
     """Raw samples of one fill50k root; with_condition=False ignores `source` (annotated)."""
 
@@ -95,7 +86,7 @@ class Fill50kSource:
         image = open_rgb(self.root / record["target"], origin=f"'target' of {where}")
         condition = (open_rgb(self.root / record["source"], origin=f"'source' of {where}")
                      if self.with_condition else None)
-        return Sample(image, condition, _captions(record["prompt"], where), where)
+        return Sample(image, condition, caption_list(record["prompt"], where, "'prompt'"), where)
 
 
 class Fill50kDataset(TriplesDataset):

@@ -77,3 +77,15 @@ def crop_box(height: int, width: int, resolution: int, offset: tuple[float, floa
     u, v = offset
     return (min(int(u * (height - resolution + 1)), height - resolution),
             min(int(v * (width - resolution + 1)), width - resolution))
+
+
+def caption_list(value, where: str, field: str) -> list[str]:
+    """A caption field as a list (one or several captions per image; null or [] -> [""])."""
+    if value is None:
+        return [""]
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(c, str) for c in value):
+        return value or [""]
+    raise DataError(f"{where}: {field} must be a string or a list of strings, "
+                    f"got {type(value).__name__}")
