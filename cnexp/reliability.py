@@ -57,7 +57,9 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.grad is not None]
-        if not grads or torch.isfinite(torch.stack([g.float().sum() for g in grads]).sum()):
+        # one foreach norm over all gradients (inf/nan anywhere makes it non-finite), not a
+        # Python loop of per-tensor reductions on the hot path
+        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
             return
         if self.action == "stop":
             self._fail(trainer, "gradient")

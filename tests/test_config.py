@@ -1,7 +1,7 @@
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from cnexp.validate import ConfigError, validate
+from cnexp.validate import validate
 from conftest import compose_cfg
 
 
@@ -35,13 +35,3 @@ def test_unknown_knob_or_preset_fails_at_composition(override):
 def test_mistyped_value_fails_at_composition():
     with pytest.raises(Exception, match="max_steps"):
         compose_cfg(["trainer.max_steps=abc"])
-
-
-@pytest.mark.parametrize("override, key", [
-    ("optim.prompt_dropout=1.5", "optim.prompt_dropout"),
-    ("optim.lr=-1e-4", "optim.lr"),
-    ("data.resolution=60", "data.resolution"),
-])
-def test_out_of_range_knob_names_the_override(override, key):
-    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
-        validate(compose_cfg([override]))
