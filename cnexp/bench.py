@@ -84,6 +84,10 @@ def prepare_peer_inputs(work: Path, data: Path) -> tuple[Path, Path]:
     return parquet_dir, work / "controlnet_init"
 
 
+def run_directory(work: Path, tag: str) -> Path:
+    return work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", tag)
+
+
 def cnexp_losses(out: Path) -> list[float]:
     rows = csv.DictReader((out / "csv" / "metrics.csv").open())
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
@@ -125,7 +129,7 @@ def main() -> None:
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
     def run_dir(tag):
-        return work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", tag)
+        return run_directory(work, tag)
 
     variants = {
         "cnexp": lambda n, tag: cnexp_cmd(n, run_dir(tag), data, cache=True),
@@ -190,7 +194,9 @@ def summarize(results: list[dict], variants: dict, work: Path, args) -> list[dic
               f"{r['fixed_s']:10.1f} {r['ratio']:11.2f}x   rounds: "
               + ", ".join(f"{x:.4f}" for x in r["rounds_step_s"]))
     print("fixed (s): start-up, loading, caching and compiling, outside the steady state")
-    losses = {"cnexp": cnexp_losses(work / "runs" / f"cnexp_l{args.rounds - 1}")}  # last round
+    # the last round's long run of each trainer: a faster variant must still learn the same
+    losses = {name: cnexp_losses(run_directory(work, f"{name}-l{args.rounds - 1}"))
+              for name in variants if name != peer}
     if peer in variants:
         last_peer = next(r for r in reversed(results) if r["name"] == peer)
         losses[peer] = peer_losses("".join(last_peer["outputs"]))

@@ -17,7 +17,8 @@ FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
 class ControlNetModule(L.LightningModule):
     def __init__(self, base: BaseBundle, controlnet: ControlNetModel, optim: OptimConfig,
-                 seed: int = 0, cache: FrozenEncoderCache | None = None):
+                 seed: int = 0, cache: FrozenEncoderCache | None = None,
+                 compiled: bool = False):
         super().__init__()
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
@@ -26,6 +27,11 @@ class ControlNetModule(L.LightningModule):
         self.seed = seed
         self.cache = cache or FrozenEncoderCache(latents=False, text=False)
         self.strict_loading = False  # checkpoints hold only the trainable part (see below)
+        # trainer.compile: the training forward (frozen UNet and control branch together, so the
+        # frozen UNet's normalisations and activations fuse too) goes through torch.compile;
+        # sampling stays eager, its batch shapes vary and it runs too rarely to repay a compile
+        self.train_prediction = torch.compile(controlled_prediction) if compiled \
+            else controlled_prediction
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -121,7 +127,7 @@ class ControlNetModule(L.LightningModule):
         t = self.draw(torch.randint, (latents.shape[0],), generator, args=(0, steps))
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
-        pred = self.controlled_unet(noisy, t, text, condition)
+        pred = self.train_prediction(self.unet, self.controlnet, noisy, t, text, condition)
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise

@@ -42,7 +42,8 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
-    """trainer.tf32 / gradient_checkpointing / compile (README "Performance" measures them)."""
+    """trainer.tf32 / gradient_checkpointing (README "Performance" measures them; trainer.compile
+    acts in ControlNetModule, on the training forward only)."""
     if trainer_cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     if trainer_cfg.gradient_checkpointing:
@@ -50,8 +51,6 @@ def apply_speed_options(trainer_cfg, base, controlnet) -> None:
         for model in (controlnet, base.unet):
             if getattr(model, "_supports_gradient_checkpointing", False):
                 model.enable_gradient_checkpointing()
-    if trainer_cfg.compile:
-        controlnet.compile()  # in place: parameter names (checkpoints, export) stay the same
 
 
 def train(cfg: DictConfig) -> dict:
@@ -69,7 +68,8 @@ def train(cfg: DictConfig) -> dict:
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
-    module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache)
+    module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
+                              compiled=cfg.trainer.compile)
     data = TriplesDataModule(cfg.data, seed=cfg.seed)
     data.prepare_data()
     evaluation = build_evaluation(cfg, data, out_dir)
