@@ -47,7 +47,7 @@ class OptimConfig:
     prompt_dropout: float = 0.5  # share of captions replaced by "" (paper: 50%)
     condition_dropout: float = 0.0  # share of conditions replaced by zeros (Uni-ControlNet style)
     decoder_lr: float = 2e-6  # UNet decoder's learning rate when control.sd_locked=false
-    fused: bool = False  # torch's fused AdamW kernel (one kernel per step instead of a loop)
+    fused: bool = True  # torch's fused AdamW kernel (one kernel per step instead of a loop)
     eight_bit: bool = False  # bitsandbytes' AdamW8bit (GPU memory option for big bases)
 
 
@@ -66,6 +66,7 @@ class DataConfig:
     crop: str = "center"  # center | random (random: training split only, seeded)
     batch_size: int = 16
     num_workers: int = 0
+    resident_mb: float = 0  # keep up to this many MB of decoded samples in memory, per split
     eval_size: int = 32  # fixed evaluation set: the first N validation triples
     # hf layout columns (diffusers' names); caption_column is also the captions layout's key
     image_column: str = "image"

@@ -142,9 +142,11 @@ class ControlNetModule(L.LightningModule):
         # under DDP the logged loss is the global batch's mean, as one process would log it
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]),
                  sync_dist=self.trainer.world_size > 1)
+        return loss
+
+    def on_train_epoch_end(self) -> None:  # once per epoch: a per-step log costs step time
         if self.cache.hits + self.cache.misses:
             self.log("perf/cache_hit_rate", self.cache.hits / (self.cache.hits + self.cache.misses))
-        return loss
 
     def configure_optimizers(self):
         """One AdamW group for the control branch; with control.sd_locked=false a second one

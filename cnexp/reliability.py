@@ -31,17 +31,21 @@ SHOWN_KEYS = 3  # differing state-dict keys named in a mismatch message
 
 
 class NonFiniteGuard(L.Callback):
-    """A NaN/inf loss or gradient stops the run (`stop`) or skips that optimizer step (`skip`).
+    """A NaN/inf loss or gradient stops the run (`stop`) or skips that optimizer step (`skip`);
+    finite gradients are clipped to `clip_norm` (trainer.gradient_clip_val) with the same norm.
 
     Stopping raises before the optimizer step, so the weights and the last checkpoint on disk are
-    the last good ones. One host sync per step (a single reduction over all gradients).
+    the last good ones. One host sync per step (a single foreach norm over all gradients), which
+    Lightning's own clipping would take a second time: train.py leaves the clipping to the guard.
     """
 
-    def __init__(self, action: str = "stop", checkpoint_dir: Path | None = None):
+    def __init__(self, action: str = "stop", checkpoint_dir: Path | None = None,
+                 clip_norm: float | None = None):
         if action not in ("stop", "skip"):
             raise CnexpError(f"trainer.on_nonfinite={action!r}: use 'stop' or 'skip'")
         self.action = action
         self.checkpoint_dir = checkpoint_dir
+        self.clip_norm = clip_norm
         self.skipped = 0
 
     def _fail(self, trainer, what: str) -> None:
@@ -55,17 +59,19 @@ class NonFiniteGuard(L.Callback):
             self._fail(trainer, f"loss ({loss.item()})")
 
     def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
-                 if p.grad is not None]
-        # one foreach norm over all gradients (inf/nan anywhere makes it non-finite), not a
-        # Python loop of per-tensor reductions on the hot path
-        if not grads or torch.isfinite(torch.nn.utils.get_total_norm(grads)):
+        params = [p for group in optimizer.param_groups for p in group["params"]
+                  if p.grad is not None]
+        if not params:
+            return
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # inf/nan anywhere shows
+        if torch.isfinite(norm):
+            if self.clip_norm:  # as clip_grad_norm_ would, without taking the norm again
+                torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm)
             return
         if self.action == "stop":
             self._fail(trainer, "gradient")
-        for group in optimizer.param_groups:  # a parameter without grad is left untouched
-            for p in group["params"]:
-                p.grad = None
+        for p in params:  # a parameter without grad is left untouched
+            p.grad = None
         self.skipped += 1
         log.warning("skipped step %d: non-finite gradient (%d skipped so far)",
                     trainer.global_step, self.skipped)

@@ -76,7 +76,8 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every)
-    guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir), SaveOnSigterm(ckpt_dir)]
+    guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val),
+              SaveOnSigterm(ckpt_dir)]
     loggers = build_loggers(cfg, out_dir)
     damage = BaseDamageCallback(evaluation.batch)
     trainer = L.Trainer(
@@ -85,7 +86,7 @@ def train(cfg: DictConfig) -> dict:
         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
         use_distributed_sampler=False,  # the data module deals global batches to the ranks
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,
-        gradient_clip_val=cfg.trainer.gradient_clip_val,
+        gradient_clip_val=None,  # the finite guard clips, reusing its gradient norm
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
         callbacks=[damage, evaluation, checkpoints, *guards],

@@ -9,9 +9,9 @@ def test_peer_losses_read_the_tqdm_postfix_only():
 
 
 def test_cnexp_command_turns_off_evaluation_and_adds_the_lever(tmp_path):
-    cmd = cnexp_cmd(7, tmp_path / "run", tmp_path / "data", True, LEVERS["fused"])
+    cmd = cnexp_cmd(7, tmp_path / "run", tmp_path / "data", True, LEVERS["compile"])
     assert "trainer.max_steps=7" in cmd and "eval.enabled=false" in cmd
-    assert "cache.latents=True" in cmd and cmd[-1] == "optim.fused=true"
+    assert "cache.latents=True" in cmd and cmd[-1] == "trainer.compile=true"
 
 
 def test_summary_takes_the_median_round_and_the_ratio_to_the_peer(tmp_path, capsys):

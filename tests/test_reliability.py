@@ -116,3 +116,24 @@ def test_nonfinite_gradient_skip_leaves_weights_untouched():
     opt2, p2 = _optimizer(1.0)  # finite gradients pass through
     guard.on_before_optimizer_step(_Trainer(), _Module(), opt2)
     assert p2.grad is not None
+
+
+def test_guard_clips_finite_gradients_like_clip_grad_norm():
+    grads = [torch.tensor([3.0, 4.0]), torch.tensor([12.0])]  # total norm 13
+    params = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad = g.clone()
+    NonFiniteGuard("stop", clip_norm=1.0).on_before_optimizer_step(
+        _Trainer(), _Module(), torch.optim.AdamW(params))
+    reference = [torch.nn.Parameter(torch.zeros_like(g)) for g in grads]
+    for p, g in zip(reference, grads):
+        p.grad = g.clone()
+    torch.nn.utils.clip_grad_norm_(reference, 1.0)
+    for p, r in zip(params, reference):
+        torch.testing.assert_close(p.grad, r.grad)
+    assert abs(torch.cat([p.grad for p in params]).norm().item() - 1.0) < 1e-5
+    small = torch.nn.Parameter(torch.zeros(2))
+    small.grad = torch.tensor([0.3, 0.4])  # norm 0.5 < 1: left as is
+    NonFiniteGuard("stop", clip_norm=1.0).on_before_optimizer_step(
+        _Trainer(), _Module(), torch.optim.AdamW([small]))
+    assert torch.equal(small.grad, torch.tensor([0.3, 0.4]))

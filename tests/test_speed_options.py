@@ -31,11 +31,12 @@ def _loss_and_grads(module, batch):
                            if p.grad is not None]
 
 
-def test_fused_adamw_is_used_when_asked(tiny_cfg, tiny_base):
-    optim = OmegaConf.merge(tiny_cfg.optim, {"fused": True})
-    module = ControlNetModule(tiny_base, build_controlnet(tiny_base.unet, tiny_cfg.control), optim)
+def test_fused_adamw_is_the_default_and_can_be_turned_off(tiny_cfg, tiny_base):
+    module = ControlNetModule(tiny_base, build_controlnet(tiny_base.unet, tiny_cfg.control),
+                              tiny_cfg.optim)
     assert module.configure_optimizers().defaults["fused"] is True
-    plain = ControlNetModule(tiny_base, module.controlnet, tiny_cfg.optim)
+    optim = OmegaConf.merge(tiny_cfg.optim, {"fused": False})
+    plain = ControlNetModule(tiny_base, module.controlnet, optim)
     assert not plain.configure_optimizers().defaults["fused"]
 
 
