@@ -1,6 +1,6 @@
 """Training throughput: cnexp side by side with diffusers' examples/controlnet/train_controlnet.py.
 
-    python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers compile,unfused,decode,workers] [--default-run]
+    python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers compile,unfused,workers] [--default-run]
 
 Both trainers get the same tiny-world base, the same 256 training triples (64 px), batch size,
 fp32, AdamW (lr 1e-3), and the same ControlNet architecture. Each is run as a subprocess for
@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BATCH, LR, N_TRAIN = 16, 1e-3, 256
 LEVERS = {"compile": "trainer.compile=true", "workers": "data.num_workers=2",
           # the defaults, taken back one at a time
-          "unfused": "optim.fused=false", "decode": "data.resident_mb=0"}
+          "unfused": "optim.fused=false"}
 
 
 def _run(cmd: list[str], env: dict) -> tuple[float, float, str]:

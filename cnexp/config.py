@@ -66,7 +66,6 @@ class DataConfig:
     crop: str = "center"  # center | random (random: training split only, seeded)
     batch_size: int = 16
     num_workers: int = 0
-    resident_mb: float = 0  # keep up to this many MB of decoded samples in memory, per split
     eval_size: int = 32  # fixed evaluation set: the first N validation triples
     # hf layout columns (diffusers' names); caption_column is also the captions layout's key
     image_column: str = "image"

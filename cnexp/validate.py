@@ -29,8 +29,6 @@ def validate(cfg: DictConfig) -> None:
          f"is {cfg.data.resolution}; use a positive multiple of 8 (the VAE's downsampling), "
          f"e.g. {max(8, cfg.data.resolution // 8 * 8)}"),
         (cfg.data.batch_size > 0, "data.batch_size", f"is {cfg.data.batch_size}; must be > 0"),
-        (cfg.data.resident_mb >= 0, "data.resident_mb",
-         f"is {cfg.data.resident_mb}; use 0 (decode every time) or a memory budget in MB"),
         (cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps",
          f"is {cfg.trainer.max_steps}; must be > 0"),
         (not (cfg.data.crop == "random" and cfg.cache.latents), "cache.latents",

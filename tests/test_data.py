@@ -69,34 +69,3 @@ def test_missing_and_corrupt_images_are_named(tmp_path):
 def test_missing_root_names_the_field(tmp_path):
     with pytest.raises(DataError, match="data.root"):
         TriplesDataModule(DataConfig(root=str(tmp_path / "absent"))).setup()
-
-
-def test_resident_samples_are_decoded_once_within_the_budget(tiny_data):
-    from cnexp.data.dataset import TriplesDataset
-
-    train = tiny_data.datasets["train"]
-    loads = []
-
-    class Counting:  # the train split's source, counting decodes
-        def __len__(self):
-            return len(train.source)
-
-        def load(self, index):
-            loads.append(index)
-            return train.source.load(index)
-
-    one = train.load_arrays(train.indices[0])[0].nbytes * 2 / 2**20  # MB per sample
-    resident = TriplesDataset(Counting(), train.resolution, train.indices[:4], train=True,
-                              resident_mb=2.5 * one)  # room for two samples
-    torch.manual_seed(0)
-    first = [resident[i] for i in range(4)]
-    torch.manual_seed(0)
-    again = [resident[i] for i in range(4)]
-    plain_set = TriplesDataset(train.source, train.resolution, train.indices[:4], train=True)
-    torch.manual_seed(0)
-    plain = [plain_set[i] for i in range(4)]  # no store: decoded every time
-    for a, b, c in zip(first, again, plain):
-        assert torch.equal(a["image"], c["image"]) and torch.equal(b["condition"], c["condition"])
-        assert a["caption"] == b["caption"] == c["caption"]
-    assert len(resident.resident) == 2  # the budget holds two
-    assert loads == train.indices[:4] + train.indices[2:4]  # the first two decoded once

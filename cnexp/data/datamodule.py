@@ -111,7 +111,7 @@ class TriplesDataModule(L.LightningDataModule):
         for split in SPLITS:
             dataset = TriplesDataset(sources[split], cfg.resolution, indices[split],
                                      train=split == "train", random_crop=cfg.crop == "random",
-                                     conditions=self.conditions, resident_mb=cfg.resident_mb)
+                                     conditions=self.conditions)
             self.datasets[split] = self._checked(dataset, split)
         if self.conditions is not None:
             log.info("data: %s", self.conditions.summary())

@@ -29,37 +29,20 @@ class TriplesDataset(Dataset):
     RNG: seeded by seed_everything in the main process and by the DataLoader's generator in its
     workers, so an epoch is reproducible. Evaluation items (train=False) are a pure function of
     the index: first caption, center crop.
-
-    `resident_mb` keeps up to that many MB of decoded, resized samples in memory (first come,
-    first kept): a small dataset is decoded once instead of every epoch. Same arrays either way.
     """
 
     def __init__(self, source: Source, resolution: int, indices: list[int] | None = None,
                  train: bool = False, random_crop: bool = False,
-                 conditions: ConditionCache | None = None, resident_mb: float = 0):
+                 conditions: ConditionCache | None = None):
         self.source, self.resolution = source, resolution
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.train, self.random_crop, self.conditions = train, random_crop, conditions
-        self.resident_budget, self.resident_bytes = int(resident_mb * 2**20), 0
-        self.resident: dict[int, tuple[np.ndarray, np.ndarray, Sample]] = {}
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def load_arrays(self, index: int) -> tuple[np.ndarray, np.ndarray, Sample]:
         """Image and condition as uint8 (H, W, 3), shorter side = resolution, not yet cropped."""
-        if index in self.resident:
-            return self.resident[index]
-        image, condition, sample = self._decode(index)
-        size = image.nbytes + condition.nbytes
-        if self.resident_bytes + size <= self.resident_budget:
-            # the PIL images are dropped: only the arrays and the captions are needed again
-            self.resident[index] = image, condition, Sample(None, None, sample.captions,
-                                                            sample.origin)
-            self.resident_bytes += size
-        return image, condition, sample
-
-    def _decode(self, index: int) -> tuple[np.ndarray, np.ndarray, Sample]:
         sample = self.source.load(index)
         image = resize_shorter(sample.image, self.resolution)
         if self.conditions is not None:  # computed from the image (and cached)
