@@ -173,6 +173,10 @@ def knob_lines(groups: dict[str, list[RunRecord]], baseline: str) -> list[list[s
     return rows
 
 
+def _num_or_unknown(x: float | None) -> str:
+    return "?" if x is None else _num(x)
+
+
 def dynamics_rows(groups: dict[str, list[RunRecord]]) -> list[list[str]]:
     """Per ablation, seed by seed: base damage at step 0, the step-0 and final value of the
     sudden-convergence metric, the step it first crosses its threshold and the steepest rise."""
@@ -180,15 +184,16 @@ def dynamics_rows(groups: dict[str, list[RunRecord]]) -> list[list[str]]:
     for label, runs in groups.items():
         cells = {"damage": [], "curve": [], "cross": [], "rise": []}
         for run in runs:
-            entry = next(iter(run.sudden.items()), None) if isinstance(run.sudden, dict) else None
-            name, info = entry if entry and isinstance(entry[1], dict) else ("?", {})
+            # metrics.json's sudden_convergence: {metric: {step, final, ...}} (first metric)
+            sudden = run.sudden if isinstance(run.sudden, dict) and run.sudden else {"?": {}}
+            name, info = next(iter(sudden.items()))
+            if not isinstance(info, dict):
+                name, info = "?", {}
             first = next((row for row in run.history if f"eval/curve/{name}" in row), {})
-            cells["damage"].append(_num(run.base_damage) if run.base_damage is not None else "?")
-            start = first.get(f"eval/curve/{name}")
-            cells["curve"].append(f"{name} {_num(start) if start is not None else '?'} → "
-                                  f"{_num(info['final']) if info.get('final') is not None else '?'}")
-            cells["cross"].append(str(info.get("step", "?")) if info.get("step") is not None
-                                  else "never")
+            cells["damage"].append(_num_or_unknown(run.base_damage))
+            cells["curve"].append(f"{name} {_num_or_unknown(first.get(f'eval/curve/{name}'))} → "
+                                  f"{_num_or_unknown(info.get('final'))}")
+            cells["cross"].append("never" if info.get("step") is None else str(info["step"]))
             cells["rise"].append(str(info.get("steepest_rise_step", "?")))
         rows.append([label, ", ".join(str(r.seed) for r in runs),
                      *("; ".join(values) for values in cells.values())])

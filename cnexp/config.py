@@ -141,7 +141,7 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: int = 0  # 0: four times per run (and always at the end)
     on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
-    compile: bool = False  # torch.compile the training forward (base + control; compile time counts)
+    compile: bool = False  # torch.compile the training forward (base + control branch)
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
 

@@ -36,7 +36,8 @@ def _read_jsonl(path: Path, column: str) -> list[tuple[str, list[str], str]]:
         if not isinstance(record, dict) or "file_name" not in record:
             raise DataError(f"{where} lacks key 'file_name': each line names its image file")
         _check_column(record, column, where)
-        entries.append((record["file_name"], caption_list(record[column], where, f"column '{column}'"), where))
+        captions = caption_list(record[column], where, f"column '{column}'")
+        entries.append((record["file_name"], captions, where))
     return entries
 
 
