@@ -20,6 +20,7 @@ from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
+from cnexp.progress import StepProgressBar
 from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO, SaveOnSigterm
 from cnexp.sweep import wandb_identity
 from cnexp.validate import validate
@@ -89,7 +90,8 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=None,  # the finite guard clips, reusing its gradient norm
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
-        callbacks=[damage, evaluation, checkpoints, *guards],
+        callbacks=[damage, evaluation, checkpoints, *guards, *([StepProgressBar(
+            lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
         plugins=[SafeCheckpointIO(module)],  # atomic saves; resume checks the keys
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
