@@ -66,7 +66,7 @@ class StepProgressBar(TQDMProgressBar):
         """The prog_bar metrics by their last name (train/loss -> loss), plus evaluation time."""
         metrics = {k.rsplit("/", 1)[-1]: v for k, v in super().get_metrics(trainer, module).items()
                    if k != "v_num"}
-        if self.excluded_seconds:
+        if self._excluded_seen > 0:  # nothing to say while evaluation is off
             metrics["eval"] = f"{self._excluded_seen:.0f}s"
         return metrics
 
