@@ -22,7 +22,7 @@ class StepProgressBar(TQDMProgressBar):
 
     def __init__(self, excluded_seconds: Optional[Callable[[], float]] = None, **kwargs) -> None:
         """excluded_seconds: running total of wall seconds spent outside training (evaluation's
-        `seconds`); the bar's clock is moved forward by each increase, as tqdm's own unpause does."""
+        `seconds`); each increase moves the bar's clock forward, as tqdm's own unpause does."""
         super().__init__(**kwargs)
         self.excluded_seconds = excluded_seconds
         self._excluded_seen = 0.0
@@ -33,7 +33,8 @@ class StepProgressBar(TQDMProgressBar):
         step = self.trainer.global_step
         return Tqdm(desc="train", total=self.trainer.max_steps, initial=step,
                     position=2 * self.process_position, disable=self.is_disabled, leave=True,
-                    dynamic_ncols=True, file=sys.stdout, unit="step", smoothing=0, bar_format=self.BAR_FORMAT)
+                    dynamic_ncols=True, file=sys.stdout, unit="step", smoothing=0,
+                    bar_format=self.BAR_FORMAT)
 
     def on_train_start(self, trainer, module) -> None:
         self.train_progress_bar = self.init_train_tqdm()
