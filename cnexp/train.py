@@ -20,6 +20,7 @@ from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.fileio import atomic_write
 from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
+from cnexp.progress import StepProgressBar
 from cnexp.record import RunMetrics, write_metrics
 from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
 from cnexp.rundir import resume_path
@@ -55,7 +56,7 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
-    """trainer.tf32 / gradient_checkpointing (README "Performance" measures them; trainer.compile
+    """trainer.tf32 / gradient_checkpointing (docs/performance.md measures them; trainer.compile
     acts in ControlNetModule, on the training forward only)."""
     if trainer_cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -109,7 +110,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         gradient_clip_val=None,  # the finite guard clips, reusing its gradient norm
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
-        callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop],
+        callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop, *([StepProgressBar(
+            lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
         plugins=[SafeCheckpointIO(module)],  # atomic saves; resume checks the keys
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
