@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -44,9 +45,7 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     id_file = out_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if not run_id:
-        from wandb.util import generate_id
-
-        run_id = generate_id()
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
         if is_rank_zero():
             atomic_write(id_file, run_id + "\n")
     # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
