@@ -185,12 +185,17 @@ class SweepSummary(Callback):
                           key=lambda d: (len(d.name.split("_")[0]), d.name))  # 2_ before 10_
         statuses = {d: read_status(d) for d in job_dirs}
         failed = {d: s for d, s in statuses.items() if s and s.get("status") == "failed"}
+        stopped = {d: s for d, s in statuses.items()
+                   if s and s.get("status") in ("preempted", "interrupted")}
         ok = sum(1 for s in statuses.values() if s and s.get("status") == "ok")
-        log.info("sweep finished: %d ok, %d failed of %d jobs in %s", ok, len(failed),
-                 len(statuses), sweep_dir)
+        log.info("sweep finished: %d ok, %d failed, %d stopped of %d jobs in %s", ok,
+                 len(failed), len(stopped), len(statuses), sweep_dir)
         for run_dir, status in failed.items():
             log.error("  failed: %s: %s (%s)", run_dir.name, status.get("error", "?"),
                       run_dir / ERROR_FILE)
+        for run_dir, status in stopped.items():
+            log.warning("  %s at step %s: %s (resume: %s)", status["status"], status.get("step"),
+                        run_dir.name, status.get("resume"))
         log.info("compare the runs: python -m cnexp.compare %s", sweep_dir)
-        if failed:
+        if failed or stopped:
             sys.exit(1)
