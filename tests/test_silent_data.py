@@ -3,6 +3,7 @@ warned about once, or refused with one message. docs/bad_input.md lists them."""
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 
@@ -317,10 +318,14 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
     dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
-    assert dirs == ["0_baseline-s0_branch=copy_root=-a-b", "1_baseline-s0_branch=copy_root=-c-d",
-                    "2_baseline-s0_branch=lite_root=-a-b", "3_baseline-s0_branch=lite_root=-c-d"]
+    # the swept knobs, not the constant trainer.max_steps; "/" made safe, a hash keeps it unique
+    expected = [rf"{i}_baseline-s0_branch={branch}_root=-{a}-{b}~[0-9a-f]{{6}}" for i, (branch, a, b)
+                in enumerate([("copy", "a", "b"), ("copy", "c", "d"), ("lite", "a", "b"),
+                              ("lite", "c", "d")])]
+    assert len(dirs) == 4 and all(re.fullmatch(e, d) for e, d in zip(expected, dirs)), dirs
     names = {p.name: p.read_text() for p in (tmp_path / "names").iterdir()}
-    assert names["1_baseline-s0_branch=copy_root=-c-d"] == "baseline-s0_branch=copy_root=-c-d"
+    assert all(names[d] == d.split("_", 1)[1] for d in dirs)  # W&B name = the directory's
     for name in dirs:  # runs.py still reads ablation and seed from the directory name
         match = JOB_DIR_NAME.match(name)
         assert match and (match["ablation"], match["seed"]) == ("baseline", "0")
+    assert JOB_DIR_NAME.match("3_no_zero_conv-s12")["ablation"] == "no_zero_conv"
