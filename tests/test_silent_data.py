@@ -319,9 +319,9 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
         HydraConfig.instance().cfg = None
     dirs = sorted(d.name for d in (tmp_path / "sweep").iterdir() if d.is_dir())
     # the swept knobs, not the constant trainer.max_steps; "/" made safe, a hash keeps it unique
-    expected = [rf"{i}_baseline-s0_branch={branch}_root=-{a}-{b}~[0-9a-f]{{6}}" for i, (branch, a, b)
-                in enumerate([("copy", "a", "b"), ("copy", "c", "d"), ("lite", "a", "b"),
-                              ("lite", "c", "d")])]
+    jobs = [("copy", "a", "b"), ("copy", "c", "d"), ("lite", "a", "b"), ("lite", "c", "d")]
+    expected = [rf"{i}_baseline-s0_branch={branch}_root=-{a}-{b}~[0-9a-f]{{6}}"
+                for i, (branch, a, b) in enumerate(jobs)]
     assert len(dirs) == 4 and all(re.fullmatch(e, d) for e, d in zip(expected, dirs)), dirs
     names = {p.name: p.read_text() for p in (tmp_path / "names").iterdir()}
     assert all(names[d] == d.split("_", 1)[1] for d in dirs)  # W&B name = the directory's
@@ -329,3 +329,21 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
         match = JOB_DIR_NAME.match(name)
         assert match and (match["ablation"], match["seed"]) == ("baseline", "0")
     assert JOB_DIR_NAME.match("3_no_zero_conv-s12")["ablation"] == "no_zero_conv"
+
+
+def test_every_layout_lists_its_captions_without_decoding_images(tmp_path):
+    from datasets import Dataset
+
+    from cnexp.data.captions import CaptionsSource
+    from cnexp.data.hf import HFSource, load_hf_splits
+
+    Dataset.from_dict({"image": [b"not decoded"] * 2, "conditioning_image": [b"x"] * 2,
+                       "text": [["a crimson circle"], ["two", "captions"]]}).save_to_disk(
+        str(tmp_path / "hf"))
+    table = load_hf_splits(str(tmp_path / "hf"), None, None)["train"]
+    source = HFSource(table, str(tmp_path / "hf"), "train", "image", "conditioning_image", "text")
+    assert [source.captions(i) for i in range(2)] == [["a crimson circle"], ["two", "captions"]]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "0.png").write_bytes(b"not an image either")
+    (tmp_path / "c" / "0.txt").write_text("one\ntwo\n")
+    assert CaptionsSource(tmp_path / "c").captions(0) == ["one", "two"]

@@ -9,6 +9,7 @@ Two ways a caption silently becomes another one:
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections import Counter
 from typing import Iterable
@@ -64,4 +65,11 @@ def caption_warnings(tokenizer, captions: Iterable[str]) -> list[str]:
     captions = [c for c in captions if c]
     if not captions:
         return []
-    return [m for m in (_unknown_words(tokenizer, captions), _overlong(tokenizer, captions)) if m]
+    quiet = logging.getLogger("transformers")  # its own "longer than the maximum" note: ours
+    level = quiet.level                         # says it with counts and the fix
+    quiet.setLevel(logging.ERROR)
+    try:
+        found = (_unknown_words(tokenizer, captions), _overlong(tokenizer, captions))
+    finally:
+        quiet.setLevel(level)
+    return [m for m in found if m]
