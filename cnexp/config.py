@@ -188,3 +188,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     # the shipped assets live beside the package, whatever directory run.py is started from
     OmegaConf.register_new_resolver("cnexp_root", lambda: str(PROJECT_ROOT), replace=True)
+    import cnexp.sweep  # noqa: F401 - registers cnexp_job_name, the multirun job's dir name

@@ -85,7 +85,9 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile)
-    data = TriplesDataModule(cfg.data, seed=cfg.seed)
+    # the tokenizer: setup warns once about captions it cannot carry whole
+    prompts = (cfg.eval.insufficient_prompt,) if cfg.eval.enabled else ()
+    data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer, prompts=prompts)
     data.prepare_data()
     evaluation = build_evaluation(cfg, data, out_dir)
     ckpt_dir = out_dir / "checkpoints"

@@ -16,6 +16,9 @@ class ConfigError(CnexpError):
     pass
 
 
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; Lightning's seed_everything warns past it
+
+
 def validate(cfg: DictConfig) -> None:
     checks = [
         (0.0 <= cfg.optim.prompt_dropout <= 1.0, "optim.prompt_dropout",
@@ -35,6 +38,10 @@ def validate(cfg: DictConfig) -> None:
          "is true with data.crop=random: cached latents would not match the random crops; "
          "set cache.latents=false or data.crop=center"),
         (cfg.sampling.steps > 0, "sampling.steps", f"is {cfg.sampling.steps}; must be > 0"),
+        *((0 <= value <= MAX_SEED, key, f"is {value}; seeds must be in [0, {MAX_SEED}] (the "
+           "range numpy and seed_everything accept)")
+          for key, value in (("seed", cfg.seed), ("data.split_seed", cfg.data.split_seed),
+                             ("sampling.seed", cfg.sampling.seed))),
     ]
     for ok, key, why in checks:
         if not ok:

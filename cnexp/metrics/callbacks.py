@@ -13,6 +13,7 @@ and only rank zero logs and writes files.
 """
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Optional
@@ -33,6 +34,7 @@ from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_s
 from cnexp.metrics.prompts import prompt_settings
 from cnexp.sampling import generate, make_pipeline
 
+log = logging.getLogger("cnexp")
 CURVE = "curve"
 HEADLINE_SETTING = "perfect"
 
@@ -157,7 +159,7 @@ class EvaluationCallback(L.Callback):
             from cnexp.metrics.clip import clip_score_metric
 
             self.clip = clip_score_metric(self.clip_model)
-        if self.fid_feature is not None and self.fid is None:
+        if self.fid_feature is not None and self.fid is None and self.num_images >= 2:
             batches, cache_file, key = self.fid_reference
             self.fid = reference_fid(self.fid_feature[0], batches, cache_file, key,
                                      holds_reference=trainer.is_global_zero)
@@ -268,6 +270,12 @@ def build_evaluation(cfg, data, out_dir: Path) -> EvaluationCallback:
     Loads what can fail (annotator, CLIP, FID network) now, before training starts."""
     ev = cfg.eval
     eval_batch = data.eval_batch()  # sets the data module up
+    n = len(eval_batch["caption"])
+    if ev.enabled and n < cfg.data.eval_size:  # a small data set: evaluation adapts, and says so
+        log.warning("eval: the evaluation set has %d image(s), fewer than data.eval_size=%d: the "
+                    "validation split holds only %d. Metrics are noisier%s", n,
+                    cfg.data.eval_size, len(data.datasets["val"]),
+                    "; FID needs 2 images and is skipped" if n < 2 and ev.fid else "")
     annotator = cfg.data.annotator
     kind = fidelity_kind(ev.fidelity, annotator)
     annotate = None

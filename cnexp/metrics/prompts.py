@@ -9,7 +9,11 @@ Each setting turns the evaluation set's captions into the prompts the sampler se
 """
 from __future__ import annotations
 
+import logging
+
 from cnexp.errors import CnexpError
+
+log = logging.getLogger("cnexp")
 
 SETTINGS = ("none", "insufficient", "conflicting", "perfect")
 INSUFFICIENT_PROMPT = "a high-quality, detailed, and professional image"  # the paper's example
@@ -24,6 +28,11 @@ def conflicting_prompts(captions: list[str], shift: int = 1) -> list[str]:
     for i, own in enumerate(captions):
         candidates = (captions[(i + shift + k) % n] for k in range(n))
         out.append(next((c for c in candidates if c != own), own))
+    same = sum(a == b for a, b in zip(out, captions))
+    if same:  # these "conflicting" prompts describe their own condition: the setting is diluted
+        log.warning("eval: %d of %d conflicting prompts equal their sample's own caption (no "
+                    "other caption differs from it), so they do not conflict; give the "
+                    "validation samples distinct captions", same, n)
     return out
 
 
@@ -35,7 +44,13 @@ def prompt_settings(captions: list[str], settings: list[str] | tuple[str, ...] =
     if unknown:
         raise CnexpError(f"eval.prompt_settings has unknown setting(s) {unknown}: use any of "
                          f"{list(SETTINGS)}")
-    if "conflicting" in settings and conflict_shift % max(len(captions), 1) == 0:
+    if "conflicting" in settings and len(captions) < 2:  # a tiny data set: evaluate the rest
+        log.warning("eval: the conflicting prompt setting needs at least 2 evaluation samples "
+                    "(another sample's caption is the conflict); the evaluation set has %d, so "
+                    "it is skipped. Give the validation split 2 or more samples (data.val_size, "
+                    "data.val_fraction) to have it", len(captions))
+        settings = [s for s in settings if s != "conflicting"]
+    if "conflicting" in settings and conflict_shift % len(captions) == 0:
         raise CnexpError(f"eval.conflict_shift={conflict_shift} pairs every sample with itself "
                          f"for {len(captions)} evaluation captions: use a shift that is not a "
                          "multiple of the evaluation set size (e.g. 1)")
