@@ -177,8 +177,10 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
     ablation: str = "baseline"
     seed: int = 0
-    export: bool = True
-    ckpt_path: Optional[str] = None  # "last" (this run dir's checkpoints/last.ckpt) or a path  # save the trained ControlNet with save_pretrained
+    export: bool = True  # save the trained ControlNet with save_pretrained
+    # resume: "last" (this run dir's checkpoints/last.ckpt, which must exist), "auto" (resume if
+    # it exists, else start fresh; a finished run is left alone), or a checkpoint path
+    ckpt_path: Optional[str] = None
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
