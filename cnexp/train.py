@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
-from cnexp.control import build_controlnet
+from cnexp.control import build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
@@ -34,7 +34,8 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
         # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
         wandb_logger = WandbLogger(project=cfg.logger.project, save_dir=str(out_dir),
                                    offline=mode == "offline", **wandb_identity(cfg),
-                                   config=OmegaConf.to_container(cfg, resolve=True))
+                                   config=OmegaConf.to_container(cfg, resolve=True,
+                                                                 enum_to_str=True))
         loggers.append(wandb_logger)
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
@@ -65,11 +66,12 @@ def train(cfg: DictConfig) -> dict:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, cfg.trainer.devices)))
 
     base = load_base(cfg.base)
+    branch = get_branch(cfg.control.branch)
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
-                              compiled=cfg.trainer.compile)
+                              compiled=cfg.trainer.compile, branch=branch)
     data = TriplesDataModule(cfg.data, seed=cfg.seed)
     data.prepare_data()
     evaluation = build_evaluation(cfg, data, out_dir)
@@ -108,7 +110,7 @@ def train(cfg: DictConfig) -> dict:
                "history": evaluation.history, "sudden_convergence": evaluation.sudden}
     if trainer.is_global_zero:
         if cfg.export:
-            controlnet.save_pretrained(out_dir / "controlnet")
+            branch.export(controlnet, out_dir / "controlnet")
             if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
                 base.unet.save_pretrained(out_dir / "unet")
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

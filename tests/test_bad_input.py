@@ -14,7 +14,8 @@ from cnexp.base import BaseModelUnavailable, load_base
 from cnexp.config import DataConfig
 from cnexp.data.images import DataError
 from cnexp.reliability import CheckpointError, SafeCheckpointIO
-from cnexp.validate import ConfigError, validate
+from cnexp.errors import ConfigError
+from cnexp.validate import validate
 from conftest import ROOT, compose_cfg
 
 
