@@ -45,6 +45,14 @@ def test_unknown_knob_names_the_key_and_its_section():
     assert "Traceback" not in output
 
 
+# 2b. misspelt choice: the schema's Enum rejects it at composition, listing the choices
+def test_misspelt_choice_names_the_knob_and_lists_the_choices():
+    code, output = run_py("control.branch=lit")
+    assert code == 1, output
+    assert "Invalid value 'lit', expected one of [copy, scratch, lite, xs]" in output
+    assert "full_key: control.branch" in output and "Traceback" not in output
+
+
 # 3. knob out of range: one ConfigError naming the override; run.py exits 2 without a traceback
 @pytest.mark.parametrize("override, message", [
     ("optim.prompt_dropout=1.5", r"optim\.prompt_dropout is 1\.5; it is a probability, use a "
