@@ -1,9 +1,10 @@
 """The branch interface (cnexp/control/branch.py): a new branch is one class that registers
 itself; training, connector init, base damage, evaluation and export need no other edit.
 
-The toy branch below is what a new module in cnexp/control/ would hold: the noisy latent's conv
-plus the condition embedding, average-pooled to each UNet skip connection's resolution, reaches
-the UNet through one 1x1 connector per residual. No copy of the encoder, no timestep, no text.
+The toy branch below is what a new module in cnexp/control/ would hold: one conv reads the noisy
+latent and the condition (pooled to the latent's size); its output, average-pooled to each UNet
+skip connection's resolution, reaches the UNet through one 1x1 connector per residual. No copy
+of the encoder, no timestep, no text.
 """
 import json
 
@@ -12,7 +13,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.controlnets.controlnet import ControlNetConditioningEmbedding
 from omegaconf import OmegaConf
 from torch import nn
 
@@ -28,21 +28,18 @@ class PooledControl(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(self, in_channels: int = 4, residual_channels: tuple[int, ...] = (32,),
                  residual_strides: tuple[int, ...] = (1,), mid_channels: int = 64,
-                 conditioning_channels: int = 3,
-                 conditioning_embedding_out_channels: tuple[int, ...] = (16, 32, 64),
                  global_pool_conditions: bool = False):  # read by diffusers' pipeline
         super().__init__()
         width = residual_channels[0]
-        self.conv_in = nn.Conv2d(in_channels, width, kernel_size=3, padding=1)
-        self.controlnet_cond_embedding = ControlNetConditioningEmbedding(
-            width, conditioning_channels, tuple(conditioning_embedding_out_channels))
+        self.latent_in = nn.Conv2d(in_channels + 3, width, kernel_size=3, padding=1)
         self.controlnet_down_blocks = nn.ModuleList(
             nn.Conv2d(width, c, kernel_size=1) for c in residual_channels)
         self.controlnet_mid_block = nn.Conv2d(width, mid_channels, kernel_size=1)
 
     def forward(self, sample, timestep=None, encoder_hidden_states=None, controlnet_cond=None,
                 conditioning_scale=1.0, guess_mode=False, return_dict=True, **unused):
-        h = self.conv_in(sample) + self.controlnet_cond_embedding(controlnet_cond)  # (B, C0, h, w)
+        condition = F.adaptive_avg_pool2d(controlnet_cond, sample.shape[-2:])  # (B, 3, h, w)
+        h = self.latent_in(torch.cat([sample, condition], dim=1))  # (B, C0, h, w)
         down, scale = [], 1
         for conv, stride in zip(self.controlnet_down_blocks, self.config.residual_strides):
             scale *= stride
@@ -58,8 +55,10 @@ class PooledBranch(ResidualBranch):
     def build(self, unet, cfg) -> PooledControl:
         channels, strides = residual_layout(unet)
         return PooledControl(unet.config.in_channels, tuple(channels), tuple(strides),
-                             unet.config.block_out_channels[-1], cfg.conditioning_channels,
-                             tuple(cfg.conditioning_embedding_out_channels))
+                             unet.config.block_out_channels[-1])
+
+    def hint_conv(self, control: PooledControl) -> nn.Conv2d:
+        return control.latent_in  # it has no condition embedding: the conv that reads it
 
 
 @pytest.fixture
