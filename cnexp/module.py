@@ -90,8 +90,8 @@ class ControlNetModule(L.LightningModule):
                               training: bool = False) -> torch.Tensor:
         """The frozen UNet steered by the control branch (its `predict`): what is trained.
         training=True (the diffusion loss) runs the compiled forward under trainer.compile."""
-        predict = self.compiled_predict if training and self.compiled_predict else \
-            self.branch.predict
+        compiled = training and self.compiled_predict is not None
+        predict = self.compiled_predict if compiled else self.branch.predict
         return predict(self.unet, self.controlnet, noisy, t, text, condition, conditioning_scale)
 
     def step_generator(self) -> torch.Generator:
