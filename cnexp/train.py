@@ -14,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
-from cnexp.control import build_controlnet
+from cnexp.control import build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
@@ -51,7 +51,7 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
     return [WandbLogger(project=cfg.logger.project, save_dir=str(out_dir), id=run_id,
                         resume="allow", offline=mode == "offline", **wandb_identity(cfg),
-                        config=OmegaConf.to_container(cfg, resolve=True))]
+                        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))]
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
@@ -80,11 +80,12 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, cfg.trainer.devices)))
 
     base = load_base(cfg.base)
+    branch = get_branch(cfg.control.branch)
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
-                              compiled=cfg.trainer.compile)
+                              compiled=cfg.trainer.compile, branch=branch)
     # the tokenizer: setup warns once about captions it cannot carry whole
     prompts = (cfg.eval.insufficient_prompt,) if cfg.eval.enabled else ()
     data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer, prompts=prompts)
@@ -131,7 +132,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         losses=run_log.losses, resumed_at=run_log.resumed_at)
     if trainer.is_global_zero:
         if cfg.export:
-            controlnet.save_pretrained(out_dir / "controlnet")
+            branch.export(controlnet, out_dir / "controlnet")
             if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
                 base.unet.save_pretrained(out_dir / "unet")
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

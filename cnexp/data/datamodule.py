@@ -19,12 +19,13 @@ from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
 from cnexp.data.resumable import ResumableShuffleSampler
+from cnexp.knobs import Layout
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
 log = logging.getLogger("cnexp")
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("fill50k", "hf", "captions")
+LAYOUTS = tuple(Layout)  # data.layout's choices
 SHOWN_BAD = 5  # skipped samples listed in the log
 
 
@@ -100,8 +101,6 @@ class TriplesDataModule(L.LightningDataModule):
         if self.datasets:
             return
         cfg = self.cfg
-        if cfg.crop not in ("center", "random"):
-            raise DataError(f"data.crop='{cfg.crop}' is unknown: use center or random")
         sources = open_sources(cfg, cfg.cache_dir)
         self.conditions = self._condition_cache()  # fails here, before training, if unusable
         indices = {s: list(range(len(src))) for s, src in sources.items()}

@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import (DataError, Sample, caption_list, open_rgb, path_in_root,
-                               resize_shorter)
+from cnexp.data.images import DataError, Sample, caption_list, open_rgb, path_in_root
 
-__all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "load_rgb", "read_index"]
+__all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 
@@ -64,13 +61,6 @@ def read_numbered_index(root: Path, need_source: bool = True) -> list[tuple[int,
 def read_index(root: Path) -> list[dict]:
     """The records of root/prompt.json, in file order."""
     return [record for _, record in read_numbered_index(root)]
-
-
-def load_rgb(path: Path, resolution: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3): shorter side resized to resolution, then center-cropped."""
-    image = resize_shorter(open_rgb(path, origin=str(path)), resolution)
-    top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
-    return image[top:top + resolution, left:left + resolution].copy()
 
 
 class Fill50kSource:
