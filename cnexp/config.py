@@ -160,11 +160,12 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    """W&B (offline unless WANDB_MODE or logger.mode says otherwise) and csv/metrics.csv."""
     project: str = "cnexp"
     mode: Optional[LoggerMode] = None  # None: $WANDB_MODE, else offline
-    group: Optional[str] = None
-    name: Optional[str] = None
-    csv: bool = True
+    group: Optional[str] = None  # None: the sweep's name in a multirun, else the ablation
+    name: Optional[str] = None  # None: <ablation>-s<seed>, + the swept knobs in a multirun
+    csv: bool = True  # csv/metrics.csv, written from the run's record (cnexp/runlog.py)
 
 
 @dataclass

@@ -302,7 +302,7 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
     from cnexp.runs import JOB_DIR_NAME
     from cnexp.sweep import wandb_identity
 
-    def fake_train(cfg):
+    def fake_train(cfg, signals=None):
         (tmp_path / "names").mkdir(exist_ok=True)
         out = os.path.basename(cfg.paths.output_dir)
         (tmp_path / "names" / out).write_text(wandb_identity(cfg)["name"])
