@@ -1,5 +1,5 @@
 """Bad input (issue 8): each gives one clear error naming the file, field or override and the fix,
-and nothing already written is lost. One test per row of the README's table."""
+and nothing already written is lost. One test per row of the table in docs/reliability.md."""
 import errno
 import os
 import subprocess
