@@ -35,6 +35,10 @@ def validate(cfg: DictConfig) -> None:
          "is true with data.crop=random: cached latents would not match the random crops; "
          "set cache.latents=false or data.crop=center"),
         (cfg.sampling.steps > 0, "sampling.steps", f"is {cfg.sampling.steps}; must be > 0"),
+        (cfg.cache.store in ("disk", "memory"), "cache.store",
+         f"is {cfg.cache.store!r}; use disk (memory-mapped shards, reused) or memory"),
+        (cfg.cache.fill_batch > 0, "cache.fill_batch",
+         f"is {cfg.cache.fill_batch}; images per encoder call while filling, must be > 0"),
     ]
     for ok, key, why in checks:
         if not ok:
@@ -43,8 +47,10 @@ def validate(cfg: DictConfig) -> None:
     if output_dir is not None:
         check_writable(output_dir, "paths.output_dir")
     from cnexp.control import check_control  # the control knobs' choices and combinations
+    from cnexp.precision import resolve_frozen_dtype
 
     check_control(cfg.control)
+    resolve_frozen_dtype(cfg.trainer)  # an unknown dtype, or half without mixed precision
 
 
 def check_writable(path: str | Path, key: str) -> None:

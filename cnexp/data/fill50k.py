@@ -7,13 +7,15 @@ The tiny world's generator writes this layout too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
 
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import DataError, Sample, caption_list, open_rgb, resize_shorter
+from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, open_rgb,
+                               resize_shorter)
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "load_rgb", "read_index"]
 
@@ -87,6 +89,14 @@ class Fill50kSource:
         condition = (open_rgb(self.root / record["source"], origin=f"'source' of {where}")
                      if self.with_condition else None)
         return Sample(image, condition, caption_list(record["prompt"], where, "'prompt'"), where)
+
+
+    def fingerprint(self) -> str:
+        """prompt.json's bytes (captions, file names) and each image file's size and mtime;
+        the conditions are left out: no frozen encoder sees them."""
+        index = (self.root / "prompt.json").read_bytes()
+        stamps = file_stamps(self.root, [record["target"] for _, record in self.records])
+        return hashlib.sha1(index + json.dumps(stamps).encode()).hexdigest()
 
 
 class Fill50kDataset(TriplesDataset):
