@@ -50,8 +50,9 @@ def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool, *extra: str) -> li
             f"data.root={data}", f"data.train_size={N_TRAIN}", "data.val_size=8",
             "data.test_size=8", f"data.batch_size={BATCH}", f"optim.lr={LR}",
             "optim.prompt_dropout=0.5", f"cache.latents={cache}", f"cache.text={cache}",
-            f"cache.dir={data.parent / 'encoders'}", "eval.enabled=false", "export=false", "logger.mode=disabled",
-            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *extra]
+            f"cache.dir={data.parent / 'encoders'}", "eval.enabled=false", "export=false",
+            "logger.mode=disabled", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", *extra]
 
 
 def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet: Path) -> list[str]:

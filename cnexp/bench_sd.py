@@ -94,7 +94,8 @@ def prepare(args, work: Path) -> dict:
         setup["parquet"], setup["controlnet"] = prepare_peer_inputs(
             work, setup["data"], setup["bundle"], CHANNELS)
     configs = scaled_configs(version, args.width)
-    setup["flops"] = flops.step_flops(configs, args.batch, resolution, conditioning_channels=CHANNELS)
+    setup["flops"] = flops.step_flops(configs, args.batch, resolution,
+                                      conditioning_channels=CHANNELS)
     setup["params_m"] = {k: round(v, 1) for k, v in parameter_counts(setup["bundle"]).items()}
     return setup
 

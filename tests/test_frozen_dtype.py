@@ -1,4 +1,5 @@
-"""trainer.frozen_dtype (issue 12, item 1): the frozen base in the compute dtype, what trains fp32."""
+"""trainer.frozen_dtype (issue 12, item 1): the frozen base in the compute dtype; what trains
+stays fp32."""
 import pytest
 import torch
 from omegaconf import OmegaConf
