@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-from cnexp.validate import ConfigError
+from cnexp.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the half dtype each Lightning precision computes in (None: fp32 or fully "-true" precisions,

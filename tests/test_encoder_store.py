@@ -10,7 +10,6 @@ import torch
 from PIL import Image
 
 import cnexp.encode_store as store
-from cnexp.base import encode_prompts
 from cnexp.control import build_controlnet
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.fill50k import Fill50kSource
@@ -52,7 +51,10 @@ class Encoders:
 
     def text(self, prompts):
         self.text_calls += 1
-        return encode_prompts(self.base, prompts)
+        ids = self.base.tokenizer(prompts, padding="max_length", truncation=True,
+                                  max_length=self.base.tokenizer.model_max_length,
+                                  return_tensors="pt").input_ids
+        return self.base.text_encoder(ids)[0]  # (B, T, D), as the module encodes
 
 
 def _base_key(base):
