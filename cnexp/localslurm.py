@@ -28,6 +28,7 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # in start 
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 ACCOUNTING = ("mariadb-install-db", "mariadbd", "mariadb-admin", "slurmdbd", "sacct", "sacctmgr")
 PARTITION = "debug"
+CRED_EXPIRE_S = 20  # job launch credentials' lifetime: long enough for a busy machine to start a step
 
 
 def _which(name: str) -> Optional[str]:
@@ -99,6 +100,8 @@ class LocalSlurm:
             "ClusterName": "cnexp-local",
             "SlurmctldHost": self.node,
             **self._common(),
+            # a requeued job waits cred_expire + 1 s before it may start again (default 120)
+            "AuthInfo": f"socket={self.root / 'munge' / 'socket'},cred_expire={CRED_EXPIRE_S}",
             "CredType": "cred/munge",
             "SlurmctldPort": self.ports["slurmctld"],
             "SlurmdPort": self.ports["slurmd"],
@@ -110,6 +113,8 @@ class LocalSlurm:
             "TaskPlugin": "task/none",
             "SelectType": "select/cons_tres",
             "SelectTypeParameters": "CR_Core",
+            # look at pending jobs every few seconds (default 60): a requeued job restarts soon
+            "SchedulerParameters": "sched_interval=5,bf_interval=5",
             "MpiDefault": "none",
             "ReturnToService": 2,
             "MailProg": "/bin/true",
