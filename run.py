@@ -1,7 +1,9 @@
 """cnexp entry point: `python run.py [+ablation=NAME] [key=value ...]` (see conf/train.yaml).
 
 Every job records its outcome in its directory (status.json, and error.txt if it failed); in a
-multirun a failing job does not stop the others (cnexp/sweep.py).
+multirun a failing job does not stop the others (cnexp/sweep.py). Exit codes: 0 finished,
+1 crashed (traceback), 2 a user error (one message), 143 pre-empted and 130 interrupted
+(last.ckpt saved: `ckpt_path=last` resumes; cnexp/signals.py).
 """
 import logging
 import sys
@@ -14,6 +16,8 @@ from omegaconf import DictConfig
 
 from cnexp.config import register_configs
 from cnexp.errors import CnexpError
+from cnexp.record import finished_run
+from cnexp.signals import RunStopped, StopSignals
 from cnexp.sweep import in_multirun, machine_info, record_failure, split_threads, write_status
 
 register_configs()
@@ -23,13 +27,25 @@ log = logging.getLogger("cnexp")
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    signals = StopSignals().install()
     split_threads()
     started = time.time()
-    write_status(out_dir, "running")
     try:
         from cnexp.train import train  # heavy imports after Hydra has parsed the command line
 
-        train(cfg)
+        if cfg.ckpt_path == "auto" and finished_run(out_dir):  # a requeued job that had ended
+            log.info("%s already finished (ckpt_path=auto): nothing to do", out_dir)
+            return
+        write_status(out_dir, "running")
+        train(cfg, signals)
+    except RunStopped as stop:
+        resume = f"python run.py hydra.run.dir={out_dir} ckpt_path=last"
+        write_status(out_dir, stop.reason, signal=stop.signal_name, step=stop.step,
+                     checkpoint=str(stop.checkpoint) if stop.checkpoint else None,
+                     resume=resume, exit_code=stop.exit_code)
+        log.warning("%s; resume: %s", stop, resume)
+        signals.chain()  # a cluster's own handler (submitit's requeue) runs after the save
+        sys.exit(stop.exit_code)
     except Exception as err:  # recorded in the job's directory, then reported
         record_failure(out_dir, err)
         user_error = isinstance(err, CnexpError)  # a user-fixable problem: the message suffices
@@ -41,6 +57,8 @@ def main(cfg: DictConfig) -> None:
             log.error("%s", err)
             sys.exit(2)
         raise
+    finally:
+        signals.restore()
     write_status(out_dir, "ok", seconds=round(time.time() - started, 1), **machine_info())
 
 

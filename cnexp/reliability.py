@@ -1,4 +1,4 @@
-"""Guards for long runs: non-finite losses/gradients, SIGTERM pre-emption, checkpoint files."""
+"""Guards for long runs: non-finite losses/gradients, checkpoint files (signals: signals.py)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,7 +12,6 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from cnexp.errors import CnexpError
 
@@ -48,6 +47,12 @@ class NonFiniteGuard(L.Callback):
         self.clip_norm = clip_norm
         self.skipped = 0
 
+    def state_dict(self) -> dict:  # a resumed run keeps counting
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state.get("skipped", 0))
+
     def _fail(self, trainer, what: str) -> None:
         where = f"; the last good checkpoint is in {self.checkpoint_dir}" if self.checkpoint_dir else ""
         raise NonFiniteError(
@@ -76,19 +81,6 @@ class NonFiniteGuard(L.Callback):
         log.warning("skipped step %d: non-finite gradient (%d skipped so far)",
                     trainer.global_step, self.skipped)
         module.log("train/skipped_steps", float(self.skipped))
-
-
-class SaveOnSigterm(L.Callback):
-    """SLURM pre-emption sends SIGTERM: Lightning finishes the step, we save `last.ckpt`,
-    and `ckpt_path=last` resumes from exactly there."""
-
-    def __init__(self, checkpoint_dir: Path):
-        self.path = Path(checkpoint_dir) / "last.ckpt"
-
-    def on_exception(self, trainer, module, exception: BaseException) -> None:
-        if isinstance(exception, SIGTERMException):
-            trainer.save_checkpoint(self.path)
-            log.warning("SIGTERM at step %d: saved %s", trainer.global_step, self.path)
 
 
 class SafeCheckpointIO(TorchCheckpointIO):

@@ -16,9 +16,13 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from cnexp.sweep import ERROR_FILE, STATUS_FILE, read_status
+from cnexp.record import (METRICS_FILE, STATUS_FILE, RecordError, RunMetrics, read_metrics,
+                          read_status)
+from cnexp.sweep import ERROR_FILE
 
-OK, FAILED, INCOMPLETE, MISSING = "ok", "failed", "incomplete", "missing"
+# broken: a record that is not what a run writes (truncated, edited, another program's file)
+OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"
+STATUSES = (OK, FAILED, INCOMPLETE, BROKEN, MISSING)
 STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
 JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+)-s(?P<seed>\d+)$")  # 3_baseline-s1
 BUDGET_KEYS = ("steps", "fit_seconds", "wall_seconds", "seconds", "epoch", "host", "cpus",
@@ -89,35 +93,58 @@ def last_grids(samples_dir: Path) -> dict[str, Path]:
 
 
 def read_run(run_dir: Path) -> RunRecord:
-    metrics = _load(run_dir / "metrics.json")
-    status = read_status(run_dir) or {}
-    config = _load(run_dir / ".hydra" / "config.yaml", yaml.safe_load) or {}
+    """One run directory as a RunRecord; never raises over what the directory holds: a record
+    that cannot be read makes the run `broken`, with the reason in `error`."""
+    config = _load(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
+    config = config if isinstance(config, dict) else {}
     overrides = _overrides(_load(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load))
     from_name = JOB_DIR_NAME.match(run_dir.name)
-    ablation = ((metrics or {}).get("ablation") or config.get("ablation")
-                or overrides.get("ablation") or (from_name and from_name["ablation"]) or "?")
-    seed = next((s for s in ((metrics or {}).get("seed"), config.get("seed"),
-                             overrides.get("seed"), from_name and from_name["seed"])
-                 if s is not None), None)
+    ablation = config.get("ablation") or overrides.get("ablation") or \
+        (from_name and from_name["ablation"]) or "?"
+    seed = next((s for s in (config.get("seed"), overrides.get("seed"),
+                             from_name and from_name["seed"]) if s is not None), None)
     record = RunRecord(name=run_dir.name, ablation=str(ablation),
-                       seed=int(seed) if seed is not None else None, status=INCOMPLETE,
+                       seed=_int_or_none(seed), status=INCOMPLETE,
                        path=run_dir, overrides=overrides, config=config)
-    if status.get("status") == FAILED or (not metrics and (run_dir / ERROR_FILE).exists()):
+    try:
+        status = read_status(run_dir) or {}
+        metrics = read_metrics(run_dir / METRICS_FILE) \
+            if (run_dir / METRICS_FILE).exists() else None
+    except RecordError as err:
+        record.status, record.error = BROKEN, str(err)
+        return record
+    if status.get("status") == FAILED or (metrics is None and (run_dir / ERROR_FILE).exists()):
         record.status = FAILED
         record.error = status.get("error") or _exception_line(run_dir / ERROR_FILE)
-    elif metrics:
-        record.status = OK
-        record.final = _numbers(metrics.get("final") or {})
-        record.history = [{"step": row["step"], **_numbers(row)}
-                          for row in metrics.get("history") or [] if "step" in row]
-        record.sudden = metrics.get("sudden_convergence")
-        record.base_damage = metrics.get("base_damage_step0")
-        record.samples = last_grids(run_dir / "samples")
-        record.budget = {k: v for k, v in {**status, **metrics}.items() if k in BUDGET_KEYS}
+    elif metrics is not None:
+        _fill(record, metrics, status)
+    elif status.get("status") in ("preempted", "interrupted"):
+        record.error = (f"{status['status']} at step {status.get('step')} "
+                        f"({status.get('time')}); resume: {status.get('resume')}")
     else:
         since = f" ({status['status']} since {status.get('time')})" if status else ""
         record.error = f"no metrics.json{since}: still running, or killed"
     return record
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _fill(record: RunRecord, metrics: RunMetrics, status: dict) -> None:
+    record.status = OK
+    record.ablation, record.seed = metrics.ablation, metrics.seed
+    record.final = _numbers(metrics.final)
+    record.history = [{"step": row["step"], **_numbers(row)} for row in metrics.history]
+    record.sudden = metrics.sudden_convergence
+    record.base_damage = metrics.base_damage_step0
+    record.samples = last_grids(record.path / "samples")
+    budget = {**status, "steps": metrics.steps, "fit_seconds": metrics.fit_seconds,
+              "wall_seconds": metrics.wall_seconds}
+    record.budget = {k: v for k, v in budget.items() if k in BUDGET_KEYS and v is not None}
 
 
 def _exception_line(path: Path) -> str:
@@ -126,7 +153,7 @@ def _exception_line(path: Path) -> str:
 
 
 def find_run_dirs(root: Path) -> list[Path]:
-    dirs = {p.parent for marker in ("metrics.json", STATUS_FILE) for p in root.rglob(marker)}
+    dirs = {p.parent for marker in (METRICS_FILE, STATUS_FILE) for p in root.rglob(marker)}
     dirs |= {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
     return sorted(dirs, key=lambda d: (d.parent.as_posix(), _job_number(d), d.name))
 

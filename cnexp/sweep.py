@@ -1,12 +1,11 @@
 """The job side of a sweep: each job's outcome on disk, CPU threads shared among parallel jobs,
 W&B names and tags, and a summary of failed jobs when a multirun ends.
 
-A job directory ends with `status.json` ({"status": "ok" | "failed" | "running", ...}) and, for a
-failed job, `error.txt` (the traceback). `cnexp.compare` reads both.
+A job directory ends with `status.json` (cnexp.record.STATUSES: running, ok, failed, preempted,
+interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.compare` reads both.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -21,9 +20,12 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from cnexp.fileio import atomic_write_json
+from cnexp.record import STATUS_FILE, STATUSES, RecordError
+from cnexp.record import read_status as read_status_strict
+
 log = logging.getLogger("cnexp")
 
-STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"
 WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
@@ -43,16 +45,14 @@ def is_rank_zero() -> bool:
 
 
 def write_status(out_dir: Path, status: str, **fields: Any) -> None:
+    assert status in STATUSES, status
     if not is_rank_zero():
         return
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "epoch": round(time.time(), 1), "host": socket.gethostname(), "pid": os.getpid(),
               **fields}
-    tmp = out_dir / (STATUS_FILE + ".tmp")
     try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(record, indent=1))
-        tmp.replace(out_dir / STATUS_FILE)  # atomic: a reader never sees half a file
+        atomic_write_json(Path(out_dir) / STATUS_FILE, record)  # a reader never sees half a file
     except OSError as err:  # bookkeeping must not turn a finished run into a failed one
         log.warning("could not write %s: %s", out_dir / STATUS_FILE, err)
 
@@ -67,9 +67,11 @@ def machine_info() -> dict[str, Any]:
 
 
 def read_status(run_dir: Path) -> Optional[dict]:
+    """status.json, or None when it is absent or not one a run writes (the sweep summary must
+    not fail over one job's file; compare reports such a job as broken)."""
     try:
-        return json.loads((Path(run_dir) / STATUS_FILE).read_text())
-    except (OSError, ValueError):
+        return read_status_strict(run_dir)
+    except RecordError:
         return None
 
 

@@ -1,7 +1,6 @@
 """Build everything from the config, train, evaluate, export; return the run's summary."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -10,7 +9,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
@@ -18,31 +17,46 @@ from cnexp.control import build_controlnet
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
+from cnexp.fileio import atomic_write
 from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
-from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO, SaveOnSigterm
-from cnexp.sweep import wandb_identity
+from cnexp.progress import StepProgressBar
+from cnexp.record import RunMetrics, write_metrics
+from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
+from cnexp.rundir import resume_path
+from cnexp.runlog import RunLog
+from cnexp.signals import StopAtStepEnd, StopSignals
+from cnexp.sweep import is_rank_zero, wandb_identity
 from cnexp.validate import validate
 
 log = logging.getLogger("cnexp")
 
 
+WANDB_ID_FILE = "wandb_run_id"
+
+
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
+    """W&B (csv/metrics.csv is written from the run's record by RunLog, not by a logger)."""
     mode = cfg.logger.mode or os.environ.get("WANDB_MODE") or "offline"
-    loggers = []
-    if mode != "disabled":
-        # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
-        wandb_logger = WandbLogger(project=cfg.logger.project, save_dir=str(out_dir),
-                                   offline=mode == "offline", **wandb_identity(cfg),
-                                   config=OmegaConf.to_container(cfg, resolve=True))
-        loggers.append(wandb_logger)
-    if cfg.logger.csv:
-        loggers.append(CSVLogger(save_dir=str(out_dir), name="csv", version=""))
-    return loggers
+    if mode == "disabled":
+        return []
+    # one W&B run per run directory: a resumed run continues it under the same id
+    id_file = out_dir / WANDB_ID_FILE
+    run_id = id_file.read_text().strip() if id_file.exists() else None
+    if not run_id:
+        from wandb.util import generate_id
+
+        run_id = generate_id()
+        if is_rank_zero():
+            atomic_write(id_file, run_id + "\n")
+    # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
+    return [WandbLogger(project=cfg.logger.project, save_dir=str(out_dir), id=run_id,
+                        resume="allow", offline=mode == "offline", **wandb_identity(cfg),
+                        config=OmegaConf.to_container(cfg, resolve=True))]
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
-    """trainer.tf32 / gradient_checkpointing (README "Performance" measures them; trainer.compile
+    """trainer.tf32 / gradient_checkpointing (docs/performance.md measures them; trainer.compile
     acts in ControlNetModule, on the training forward only)."""
     if trainer_cfg.tf32:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -53,12 +67,14 @@ def apply_speed_options(trainer_cfg, base, controlnet) -> None:
                 model.enable_gradient_checkpointing()
 
 
-def train(cfg: DictConfig) -> dict:
-    """The whole experiment. Returns (and writes to metrics.json) the run's summary."""
+def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
+    """The whole experiment. Returns (and writes to metrics.json) the run's summary.
+    `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside run.py."""
     validate(cfg)
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_path(cfg.ckpt_path, out_dir)  # before anything heavy: a wrong one fails now
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.accelerator == "cpu" and isinstance(cfg.trainer.devices, int):
         # CPU processes share the cores: n processes on n cores must not each spawn n threads
@@ -76,10 +92,15 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = out_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
     checkpoints = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every)
-    guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val),
-              SaveOnSigterm(ckpt_dir)]
+    guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val)]
     loggers = build_loggers(cfg, out_dir)
     damage = BaseDamageCallback(evaluation.batch)
+    # the record that checkpoints carry: losses and fit time (RunLog), evaluations (evaluation)
+    run_log = RunLog(cfg.trainer.log_every_n_steps,
+                     out_dir / "csv" / "metrics.csv" if cfg.logger.csv else None,
+                     lambda: evaluation.history)
+    # after the evaluation and the record in each step, so a stop saves both
+    stop = [StopAtStepEnd(signals, ckpt_dir)] if signals is not None else []
     trainer = L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
         devices=cfg.trainer.devices, precision=cfg.trainer.precision,
@@ -89,31 +110,34 @@ def train(cfg: DictConfig) -> dict:
         gradient_clip_val=None,  # the finite guard clips, reusing its gradient norm
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
-        callbacks=[damage, evaluation, checkpoints, *guards],
+        callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop, *([StepProgressBar(
+            lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
         plugins=[SafeCheckpointIO(module)],  # atomic saves; resume checks the keys
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
-    fit_start = time.perf_counter()
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.ckpt_path)
-    fit_seconds = time.perf_counter() - fit_start
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    fit_seconds = run_log.fit_seconds  # every segment of a resumed run
 
-    summary = {"ablation": cfg.ablation, "seed": cfg.seed, "steps": trainer.global_step,
-               "fit_seconds": round(fit_seconds, 1),
-               "eval_seconds": round(evaluation.seconds, 1),
-               "eval_share": round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
-               "final_loss": float(trainer.callback_metrics.get("train/loss", torch.nan)),
-               "step0": evaluation.history[0] if evaluation.history else {},
-               "final": evaluation.history[-1] if evaluation.history else {},
-               "base_damage_step0": damage.value, "controlnet_class": type(controlnet).__name__,
-               "history": evaluation.history, "sudden_convergence": evaluation.sudden}
+    history = evaluation.history
+    record = RunMetrics(
+        ablation=cfg.ablation, seed=cfg.seed, steps=trainer.global_step, history=history,
+        step0=history[0] if history else {}, final=history[-1] if history else {},
+        sudden_convergence=evaluation.sudden, base_damage_step0=damage.value,
+        controlnet_class=type(controlnet).__name__,
+        final_loss=float(trainer.callback_metrics.get("train/loss", torch.nan)),
+        fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
+        eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
+        losses=run_log.losses, resumed_at=run_log.resumed_at)
     if trainer.is_global_zero:
         if cfg.export:
             controlnet.save_pretrained(out_dir / "controlnet")
             if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
                 base.unet.save_pretrained(out_dir / "unet")
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        summary["wall_seconds"] = round(time.perf_counter() - start, 1)
-        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=1))
+        record.wall_seconds = round(time.perf_counter() - start, 1)
+        write_metrics(out_dir, record)
+    summary = record.to_json()
+    if trainer.is_global_zero:
         report(out_dir, summary, loggers)
     for lg in loggers:
         if isinstance(lg, WandbLogger):
@@ -136,6 +160,8 @@ def report(out_dir: Path, summary: dict, loggers: list) -> None:
         *(f"  sudden converg.   {m} crosses {c['threshold']} at step {c['step']}, steepest "
           f"rise at step {c['steepest_rise_step']}"
           for m, c in summary["sudden_convergence"].items()),
+        *([f"  resumed at step   {', '.join(map(str, summary['resumed_at']))}"]
+          if summary["resumed_at"] else []),
         f"  run directory     {out_dir}",
         f"  controlnet        {out_dir / 'controlnet'}  ({summary['controlnet_class']}"
         ".from_pretrained)",

@@ -67,7 +67,7 @@ def test_knob_diff_names_what_an_ablation_changes():
     assert knob_diff(lite, base) == {"control.branch": "lite"}
 
 
-def fake_train(cfg):
+def fake_train(cfg, signals=None):
     """Stands in for cnexp.train.train: seed 1 crashes, seed 2 is a user error, others finish."""
     if cfg.seed == 1:
         raise RuntimeError("deliberate crash in job with seed 1")

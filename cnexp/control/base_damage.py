@@ -43,6 +43,12 @@ class BaseDamageCallback(L.Callback):
         self.max_samples = max_samples
         self.value: float | None = None
 
+    def state_dict(self) -> dict:  # a resumed run reports the value its step 0 measured
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state.get("value")
+
     def on_train_start(self, trainer, module) -> None:
         if trainer.global_step != 0:
             return

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from cnexp.data.annotators import Annotator
+from cnexp.fileio import atomic_write
 
 
 class ConditionCache:
@@ -29,7 +30,7 @@ class ConditionCache:
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
             meta = {"annotator": annotator.name, "seed": annotator.seed, **annotator.params}
-            (self.directory / "params.json").write_text(json.dumps(meta, sort_keys=True) + "\n")
+            atomic_write(self.directory / "params.json", json.dumps(meta, sort_keys=True) + "\n")
 
     def path_for(self, image: np.ndarray) -> Path | None:
         if self.directory is None:

@@ -94,9 +94,19 @@ class EvaluationCallback(L.Callback):
         self._last_step: Optional[int] = None
         self._last_full_step: Optional[int] = None
 
+    # ---- checkpoint state: a resumed run continues the history from the true step 0 ----------
+    def state_dict(self) -> dict:
+        return {"history": list(self.history), "seconds": self.seconds,
+                "last_step": self._last_step, "last_full_step": self._last_full_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = list(state["history"])
+        self.seconds = float(state["seconds"])
+        self._last_step, self._last_full_step = state["last_step"], state["last_full_step"]
+
     # ---- schedule -----------------------------------------------------------------------------
     def on_train_start(self, trainer, module) -> None:
-        if self.cfg.enabled:
+        if self.cfg.enabled and trainer.global_step == 0:  # a resumed run evaluated step 0
             self.evaluate(trainer, module, full=True)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:

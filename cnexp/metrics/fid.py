@@ -17,6 +17,7 @@ anything, never absolute values against the literature. Raise data.eval_size for
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
@@ -28,6 +29,7 @@ from torch import nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 
 from cnexp.errors import CnexpError
+from cnexp.fileio import atomic_write, exclusive
 
 log = logging.getLogger("cnexp")
 
@@ -108,6 +110,11 @@ def cache_path(cache_dir: Path, key: dict) -> Path:
     return Path(cache_dir) / "fid_reference" / f"{digest}.pt"
 
 
+def _fill_reference(fid: FrechetInceptionDistance, real_batches) -> None:
+    for batch in real_batches():
+        fid.update(batch, real=True)
+
+
 def reference_fid(feature: nn.Module, real_batches: Callable[[], Iterable[torch.Tensor]],
                   cache_file: Optional[Path] = None, key: Optional[dict] = None,
                   holds_reference: bool = True) -> FrechetInceptionDistance:
@@ -121,21 +128,23 @@ def reference_fid(feature: nn.Module, real_batches: Callable[[], Iterable[torch.
     fid = FrechetInceptionDistance(feature=feature, reset_real_features=False)
     if not holds_reference:
         return fid
-    if cache_file is not None and cache_file.is_file():
-        states = torch.load(cache_file, map_location="cpu")
-        for name in REAL_STATES:
-            setattr(fid, name, states[name])
-        log.info("FID reference statistics: %s (%d images, cached)", cache_file,
-                 int(states["real_features_num_samples"]))
+    if cache_file is None:
+        _fill_reference(fid, real_batches)
         return fid
-    for batch in real_batches():
-        fid.update(batch, real=True)
-    if cache_file is not None:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        torch.save({**{n: getattr(fid, n).cpu() for n in REAL_STATES}, "key": key}, tmp)
-        tmp.replace(cache_file)  # atomic: parallel runs never read half a file
-        cache_file.with_suffix(".json").write_text(json.dumps(key, indent=1, sort_keys=True))
+    # concurrent first runs: one computes the statistics, the others wait and read them
+    with exclusive(cache_file, "the FID reference statistics"):
+        if cache_file.is_file():
+            states = torch.load(cache_file, map_location="cpu")
+            for name in REAL_STATES:
+                setattr(fid, name, states[name])
+            log.info("FID reference statistics: %s (%d images, cached)", cache_file,
+                     int(states["real_features_num_samples"]))
+            return fid
+        _fill_reference(fid, real_batches)
+        buffer = io.BytesIO()
+        torch.save({**{n: getattr(fid, n).cpu() for n in REAL_STATES}, "key": key}, buffer)
+        atomic_write(cache_file, buffer.getvalue())  # parallel runs never read half a file
+        atomic_write(cache_file.with_suffix(".json"), json.dumps(key, indent=1, sort_keys=True))
         log.info("FID reference statistics: %d images -> %s",
                  int(fid.real_features_num_samples), cache_file)
     return fid

@@ -14,6 +14,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from cnexp.fileio import atomic_write, exclusive
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40),
     "green": (40, 170, 60),
@@ -109,9 +111,8 @@ def write_fill50k(root: Path, n: int, seed: int, max_shapes: int = 2) -> Path:
         scene.target().save(root / "target" / f"{i}.png")
         lines.append(json.dumps({"source": f"source/{i}.png", "target": f"target/{i}.png",
                                  "prompt": scene.caption()}))
-    tmp = root / "prompt.json.tmp"
-    tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(root / "prompt.json")  # prompt.json appears only once every image is written
+    # prompt.json appears only once every image is written
+    atomic_write(root / "prompt.json", "\n".join(lines) + "\n")
     return root
 
 
@@ -121,10 +122,17 @@ SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
 def ensure_tiny_dataset(root: Path, sizes: dict[str, int]) -> Path:
     """Generate the tiny-world splits under root/{train,val,test} unless already complete."""
     root = Path(root)
-    for split, n in sizes.items():
-        split_root = root / split
-        index = split_root / "prompt.json"
-        if index.exists() and sum(1 for _ in index.open()) == n:
-            continue
-        write_fill50k(split_root, n, seed=SPLIT_SEEDS[split])
+
+    def complete(split: str) -> bool:
+        index = root / split / "prompt.json"
+        return index.exists() and sum(1 for _ in index.open()) == sizes[split]
+
+    if all(complete(split) for split in sizes):
+        return root
+    # two first runs at once: one writes, the other waits and then finds the splits complete
+    # (without the lock it could read an image the first is still rewriting)
+    with exclusive(root.parent / f".{root.name}.generate", "generating the tiny-world data"):
+        for split, n in sizes.items():
+            if not complete(split):
+                write_fill50k(root / split, n, seed=SPLIT_SEEDS[split])
     return root

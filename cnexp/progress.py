@@ -1,0 +1,80 @@
+"""One training progress bar counted in optimizer steps: step/max_steps, steps/s, ETA, loss.
+
+Lightning's bars count batches per epoch, which in a max_steps run gives no total, no rate and
+no ETA. This bar follows trainer.global_step over trainer.max_steps across epochs, starts at the
+resumed step when a run resumes, and leaves evaluation out of its clock: evaluation runs inside
+training hooks (step 0, every eval.every_n_steps, the end), so counted in, it would stall the rate
+and swing the ETA after every evaluation. The clock (elapsed, steps/s, ETA) therefore counts
+training only; the postfix shows the evaluation seconds so far, so wall time = elapsed + eval.
+The ETA does not include evaluations still to come.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Optional
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+
+class StepProgressBar(TQDMProgressBar):
+    BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+
+    def __init__(self, excluded_seconds: Optional[Callable[[], float]] = None, **kwargs) -> None:
+        """excluded_seconds: running total of wall seconds spent outside training (evaluation's
+        `seconds`); each increase moves the bar's clock forward, as tqdm's own unpause does."""
+        super().__init__(**kwargs)
+        self.excluded_seconds = excluded_seconds
+        self._excluded_seen = 0.0
+
+    def init_train_tqdm(self) -> Tqdm:
+        # a resumed run restores global_step before on_train_start: the bar starts there, and
+        # its rate, (n - initial) / elapsed, counts only the steps this process trains
+        step = self.trainer.global_step
+        return Tqdm(desc="train", total=self.trainer.max_steps, initial=step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, unit="step", smoothing=0,
+                    bar_format=self.BAR_FORMAT)
+
+    def on_train_start(self, trainer, module) -> None:
+        self.train_progress_bar = self.init_train_tqdm()
+        self._excluded_seen = self.excluded_seconds() if self.excluded_seconds else 0.0
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # one bar for the whole run: the parent would reset it every epoch
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        bar = self.train_progress_bar
+        if bar.disable or trainer.global_step == bar.n:  # mid-accumulation: no new step
+            return
+        self._exclude(bar)
+        bar.n = trainer.global_step
+        bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
+        if bar.n % self.refresh_rate == 0 or bar.n == bar.total:
+            bar.refresh()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        pass  # the postfix is current after every step
+
+    def on_train_end(self, trainer, module) -> None:
+        bar = self.train_progress_bar
+        if not bar.disable:
+            self._exclude(bar)
+            bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
+        bar.close()
+
+    def get_metrics(self, trainer, module) -> dict:
+        """The prog_bar metrics by their last name (train/loss -> loss), plus evaluation time."""
+        metrics = {k.rsplit("/", 1)[-1]: v for k, v in super().get_metrics(trainer, module).items()
+                   if k != "v_num"}
+        if self._excluded_seen > 0:  # nothing to say while evaluation is off
+            metrics["eval"] = f"{self._excluded_seen:.0f}s"
+        return metrics
+
+    def _exclude(self, bar: Tqdm) -> None:
+        """Move the bar's start forward by the seconds spent outside training since last time."""
+        if self.excluded_seconds is None:
+            return
+        total = self.excluded_seconds()
+        bar.start_t += total - self._excluded_seen
+        self._excluded_seen = total

@@ -1,0 +1,155 @@
+"""The record a run writes (metrics.json, status.json), as one typed schema for writer and readers.
+
+Training writes `RunMetrics` through `write_metrics`; compare, runs and plots read it through
+`read_metrics`, which accepts exactly this shape (or the unversioned first layout, version 1) and
+raises `RecordError` naming the file and the field otherwise, so no reader guesses.
+
+Version history: 1 (no `version` key) = the fields below up to `sudden_convergence`;
+2 adds `version`, `losses` (train loss at every log step), `resumed_at` (the steps a run was
+resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a resumed run.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Optional
+
+from cnexp.errors import CnexpError
+from cnexp.fileio import atomic_write_json
+
+RECORD_VERSION = 2
+METRICS_FILE = "metrics.json"
+STATUS_FILE = "status.json"
+# status.json's `status`: running, then one of the others; what each exit code means: run.py
+STATUSES = ("running", "ok", "failed", "preempted", "interrupted")
+
+
+class RecordError(CnexpError):
+    """A metrics.json or status.json that is not what a run writes."""
+
+
+@dataclass
+class RunMetrics:
+    """metrics.json. history rows: {"step": int, "eval/<metric>": float, ...}."""
+    ablation: str
+    seed: int
+    steps: int
+    history: list[dict[str, float]]
+    step0: dict[str, float] = field(default_factory=dict)  # history[0] (the true step 0)
+    final: dict[str, float] = field(default_factory=dict)  # history[-1]
+    sudden_convergence: dict[str, dict] = field(default_factory=dict)
+    base_damage_step0: Optional[float] = None
+    controlnet_class: str = ""
+    final_loss: Optional[float] = None
+    fit_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    eval_share: float = 0.0
+    wall_seconds: Optional[float] = None
+    losses: list[dict[str, float]] = field(default_factory=list)  # {"step", "train/loss"}
+    resumed_at: list[int] = field(default_factory=list)
+    version: int = RECORD_VERSION
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def write_metrics(run_dir: Path, metrics: RunMetrics) -> Path:
+    path = Path(run_dir) / METRICS_FILE
+    atomic_write_json(path, _finite(metrics.to_json()))
+    return path
+
+
+def _finite(obj: Any) -> Any:
+    """NaN/inf as null: JSON has no such numbers, and other readers choke on Python's NaN."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def _load_json(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecordError(f"{path}: cannot be read ({err.strerror or err})") from None
+    try:
+        return json.loads(text)
+    except ValueError as err:
+        raise RecordError(f"{path}: not valid JSON ({err}); the run was probably killed while "
+                          "writing it, or the file was edited") from None
+
+
+def _is_number(v: Any) -> bool:
+    return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+
+def _check_rows(path: Path, name: str, rows: Any) -> None:
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise RecordError(f"{path}: field '{name}' must be a list of objects, got "
+                          f"{type(rows).__name__}")
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("step"), int):
+            raise RecordError(f"{path}: {name}[{i}] has no integer 'step'")
+        bad = [k for k, v in row.items() if not _is_number(v)]
+        if bad:
+            raise RecordError(f"{path}: {name}[{i}] field '{bad[0]}' is not a number")
+
+
+def read_metrics(path: str | Path) -> RunMetrics:
+    """metrics.json as a RunMetrics, or RecordError saying what is wrong with it."""
+    path = Path(path)
+    data = _load_json(path)
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: must be a JSON object, got {type(data).__name__}")
+    version = data.get("version", 1)
+    if version not in (1, RECORD_VERSION):
+        raise RecordError(f"{path}: record version {version!r} is not one this cnexp reads "
+                          f"(1 or {RECORD_VERSION}); update cnexp")
+    known = {f.name for f in fields(RunMetrics)}
+    missing = [k for k in ("ablation", "seed", "steps", "history") if k not in data]
+    if missing:
+        raise RecordError(f"{path}: field '{missing[0]}' is missing")
+    for name, kind in (("ablation", str), ("seed", int), ("steps", int)):
+        if not isinstance(data[name], kind) or isinstance(data[name], bool):
+            raise RecordError(f"{path}: field '{name}' must be {kind.__name__}, got "
+                              f"{type(data[name]).__name__}")
+    _check_rows(path, "history", data["history"])
+    _check_rows(path, "losses", data.get("losses", []))
+    for name in ("step0", "final"):
+        value = data.get(name, {})
+        if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
+            raise RecordError(f"{path}: field '{name}' must be an object of numbers")
+    if not isinstance(data.get("sudden_convergence", {}), dict):
+        raise RecordError(f"{path}: field 'sudden_convergence' must be an object")
+    for name in ("base_damage_step0", "final_loss", "fit_seconds", "eval_seconds",
+                 "eval_share", "wall_seconds"):
+        if not _is_number(data.get(name)):
+            raise RecordError(f"{path}: field '{name}' must be a number")
+    return RunMetrics(**{k: v for k, v in data.items() if k in known})
+
+
+def read_status(run_dir: str | Path) -> Optional[dict]:
+    """status.json of a run directory; None if there is none (the job never started).
+    RecordError if it is not one a run writes."""
+    path = Path(run_dir) / STATUS_FILE
+    if not path.exists():
+        return None
+    data = _load_json(path)
+    if not isinstance(data, dict) or data.get("status") not in STATUSES:
+        got = data.get("status") if isinstance(data, dict) else data
+        raise RecordError(f"{path}: 'status' must be one of {', '.join(STATUSES)}, got {got!r}")
+    return data
+
+
+def finished_run(run_dir: str | Path) -> bool:
+    """True when run_dir holds a finished run: status ok and a readable metrics.json."""
+    try:
+        status = read_status(run_dir) or {}
+        return status.get("status") == "ok" and bool(read_metrics(Path(run_dir) / METRICS_FILE))
+    except RecordError:
+        return False

@@ -1,0 +1,145 @@
+"""One run per run directory, and what `ckpt_path` resumes from.
+
+`RunDirGuard` (a Hydra callback, conf/hydra/default.yaml) runs before Hydra writes anything into
+a job's directory: it takes an exclusive lock on `<run dir>/run.lock` for the life of the process
+and refuses a fresh run in a directory that already holds one, so a second process can never mix
+its files with the first's. The kernel drops the lock when its process dies however it dies; the
+file keeps the holder's pid and host, so the next run can say whose lock it takes over.
+"""
+from __future__ import annotations
+
+import atexit
+import fcntl
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from cnexp.errors import CnexpError
+from cnexp.record import METRICS_FILE
+from cnexp.sweep import is_rank_zero
+
+log = logging.getLogger("cnexp")
+
+LOCK_FILE = "run.lock"
+LAST = Path("checkpoints") / "last.ckpt"
+RESUME_HINT = "ckpt_path=last (or ckpt_path=auto: resume if there is a checkpoint)"
+
+
+class RunDirError(CnexpError):
+    pass
+
+
+class RunDirLock:
+    """An flock on <dir>/run.lock held until release() or the process ends."""
+
+    def __init__(self, run_dir: str | Path):
+        self.path = Path(run_dir) / LOCK_FILE
+        self._file = None
+
+    def acquire(self) -> "RunDirLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(self.path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _holder(f)
+            f.close()
+            raise RunDirError(
+                f"run directory {self.path.parent} is in use by another run ({holder}); wait for "
+                "it to end, or give this run its own directory (python run.py hydra.run.dir=...)"
+            ) from None
+        previous = _holder(f)
+        if previous != "unknown process":  # written by a process that never released it
+            log.warning("taking over the lock of a run that is gone (%s) in %s", previous,
+                        self.path.parent)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "command": " ".join(sys.argv)}))
+        f.flush()
+        self._file = f
+        atexit.register(self.release)
+        return self
+
+    def release(self) -> None:
+        if self._file is None:
+            return
+        self._file.seek(0)
+        self._file.truncate()  # a clean exit leaves no holder to report
+        fcntl.flock(self._file, fcntl.LOCK_UN)
+        self._file.close()
+        self._file = None
+
+
+def _holder(f) -> str:
+    f.seek(0)
+    try:
+        info = json.loads(f.read() or "null")
+    except ValueError:
+        info = None
+    if not isinstance(info, dict):
+        return "unknown process"
+    return (f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')}: "
+            f"{info.get('command', '')}".rstrip(": "))
+
+
+def holds_a_run(run_dir: Path) -> Optional[str]:
+    """What in `run_dir` shows an earlier run (its record or checkpoints), or None."""
+    for name in (METRICS_FILE, str(LAST)):
+        if (run_dir / name).exists():
+            return name
+    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    return str(ckpts[0].relative_to(run_dir)) if ckpts else None
+
+
+def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
+    """The checkpoint a run resumes from: `last` (must exist), `auto` (if it exists), a path."""
+    if ckpt_path not in ("last", "auto"):
+        return ckpt_path
+    last = Path(run_dir) / LAST
+    if last.exists():
+        return str(last)
+    if ckpt_path == "auto":
+        return None
+    raise RunDirError(
+        f"ckpt_path=last: there is no checkpoint to resume in {last.parent} (this run directory "
+        "never saved one). Point hydra.run.dir at the run to resume, use ckpt_path=auto to "
+        "resume only when a checkpoint exists, or leave ckpt_path out to start fresh")
+
+
+class RunDirGuard(Callback):
+    """Lock the job's directory before Hydra writes into it; refuse to start a fresh run over
+    an earlier one. Exits with code 2 and one message, like run.py for every user error."""
+
+    def __init__(self):
+        self.locks: dict[str, RunDirLock] = {}
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if not is_rank_zero():  # DDP's other processes run in rank zero's directory
+            return
+        run_dir = Path(str(config.hydra.runtime.output_dir))
+        try:
+            self.locks[str(run_dir)] = RunDirLock(run_dir).acquire()
+            earlier = holds_a_run(run_dir)
+            if earlier and OmegaConf.select(config, "ckpt_path") is None:
+                raise RunDirError(
+                    f"run directory {run_dir} already holds a run ({earlier}): resume it with "
+                    f"{RESUME_HINT}, or start this run in a new directory (leave hydra.run.dir "
+                    "out, or python run.py hydra.run.dir=...)")
+        except RunDirError as err:
+            print(err, file=sys.stderr)
+            sys.exit(2)
+
+    def on_job_end(self, config: DictConfig, job_return: Any = None, **kwargs: Any) -> None:
+        lock = self.locks.pop(str(config.hydra.runtime.output_dir), None)
+        if lock is not None:
+            lock.release()

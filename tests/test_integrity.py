@@ -1,0 +1,204 @@
+"""Run integrity (issue 13): a pre-empted, resumed or crowded run reports what a clean one does.
+
+Real processes and real signals: SIGTERM / SIGINT / SIGKILL to `python run.py`, two processes
+on one run directory, two first runs on one fresh data root and cache.
+"""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT
+
+# Small but with a real record: evaluations every 4 steps (curve) and a full one at 0 and the end
+SMALL = ["data.train_size=40", "data.val_size=8", "data.test_size=8", "data.batch_size=4",
+         "data.eval_size=4", "eval.every_n_steps=4", "eval.curve_images=2", "eval.fid=false",
+         "eval.prompt_settings=[none,perfect]", "sampling.steps=2", "logger.mode=disabled",
+         "trainer.enable_progress_bar=false", "trainer.max_steps=24",
+         "trainer.log_every_n_steps=2", "trainer.checkpoint_every_n_steps=4"]
+TIMING = ("seconds", "share")  # record fields that measure time, not the model
+
+
+def start(out, data, *extra, cache=None, log=None):
+    cmd = [sys.executable, "run.py", f"hydra.run.dir={out}", f"data.root={data}", *SMALL,
+           *([f"paths.cache={cache}"] if cache else []), *extra]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log or subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, "WANDB_MODE": "disabled"})
+
+
+def finish(proc, code=0):
+    output = proc.communicate(timeout=900)[0] or ""
+    assert proc.returncode == code, output[-3000:]
+    return output
+
+
+def wait_for(proc, ready, what, timeout=600):
+    deadline = time.time() + timeout
+    while not ready():
+        assert proc.poll() is None, f"run ended before {what}"
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def record(out):
+    """metrics.json without timings and without what says it was resumed."""
+    data = json.loads((out / "metrics.json").read_text())
+    data.pop("resumed_at")
+    return _untimed(data)
+
+
+def _untimed(obj):
+    if isinstance(obj, dict):
+        return {k: _untimed(v) for k, v in obj.items() if not any(t in k for t in TIMING)}
+    if isinstance(obj, list):
+        return [_untimed(v) for v in obj]
+    return obj
+
+
+def csv_rows(out):
+    with open(out / "csv" / "metrics.csv") as f:
+        return [_untimed(row) for row in csv.DictReader(f)]
+
+
+def weights(out):
+    return load_file(out / "controlnet" / "diffusion_pytorch_model.safetensors")
+
+
+def assert_same_run(straight, resumed):
+    a, b = record(straight), record(resumed)
+    assert [h["step"] for h in a["history"]] == [h["step"] for h in b["history"]]
+    assert a == b  # every evaluation from step 0, losses, sudden convergence, base damage
+    assert csv_rows(straight) == csv_rows(resumed)
+    wa, wb = weights(straight), weights(resumed)
+    assert [k for k in wa if not torch.equal(wa[k], wb[k])] == []
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """One uninterrupted run, the reference for every interrupted one."""
+    base = tmp_path_factory.mktemp("straight")
+    finish(start(base / "run", base / "data"))
+    return base / "run", base / "data"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum,status,code", [(signal.SIGTERM, "preempted", 143),
+                                                 (signal.SIGINT, "interrupted", 130)])
+def test_a_signal_saves_says_so_exits_nonzero_and_resume_continues_the_record(
+        tmp_path, straight, signum, status, code):
+    reference, data = straight
+    out = tmp_path / "run"
+    proc = start(out, data)
+    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=8*.ckpt")), "step 8")
+    proc.send_signal(signum)
+    finish(proc, code)
+    state = json.loads((out / "status.json").read_text())
+    assert state["status"] == status and state["exit_code"] == code
+    assert state["step"] > 8 and state["checkpoint"].endswith("last.ckpt")
+    assert torch.load(state["checkpoint"], weights_only=False)["global_step"] == state["step"]
+    assert not (out / "metrics.json").exists() and not (out / "controlnet").exists()
+
+    finish(start(out, data, "ckpt_path=last"))
+    assert json.loads((out / "metrics.json").read_text())["resumed_at"] == [state["step"]]
+    assert json.loads((out / "status.json").read_text())["status"] == "ok"
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_gives_the_same_record_and_weights(tmp_path, straight):
+    reference, data = straight
+    out = tmp_path / "run"
+    proc = start(out, data)
+    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=12*.ckpt")), "step 12")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finish(start(out, data, "ckpt_path=auto"))  # what a requeued job runs
+    assert_same_run(reference, out)
+
+
+@pytest.mark.slow
+def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
+    _, data = straight
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        proc = start(out, data, "trainer.max_steps=100000", log=log)
+        wait_for(proc, lambda: "Trainable params" in log_path.read_text(), "training")
+        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    assert proc.returncode == 130, log_path.read_text()[-2000:]
+    state = json.loads((out / "status.json").read_text())
+    assert state["status"] == "interrupted" and state["signal"] == "a second SIGINT"
+
+
+def test_ckpt_path_last_without_a_checkpoint_is_an_error_naming_the_directory(tmp_path):
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}", "ckpt_path=last",
+                           f"data.root={tmp_path / 'data'}", *SMALL], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr[-2000:]
+    said = done.stdout + done.stderr
+    assert f"no checkpoint to resume in {out / 'checkpoints'}" in said and "ckpt_path=auto" in said
+    assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_ckpt_path_auto_starts_fresh_and_leaves_a_finished_run_alone(tmp_path, straight):
+    _, data = straight
+    out = tmp_path / "run"
+    finish(start(out, data, "ckpt_path=auto", "trainer.max_steps=4", "eval.enabled=false"))
+    first = (out / "metrics.json").read_text()
+    output = finish(start(out, data, "ckpt_path=auto", "trainer.max_steps=4",
+                          "eval.enabled=false"))
+    assert "already finished" in output and (out / "metrics.json").read_text() == first
+
+
+@pytest.mark.slow
+def test_one_run_per_directory(tmp_path, straight):
+    _, data = straight
+    out, log_path = tmp_path / "run", tmp_path / "log.txt"
+    with log_path.open("w") as log:
+        first = start(out, data, "trainer.max_steps=100000", log=log)
+        wait_for(first, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
+        second = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}",
+                                 f"data.root={data}", *SMALL], cwd=ROOT, capture_output=True,
+                                text=True, timeout=600)
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=300)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"run directory {out} is in use by another run (pid {first.pid}" in second.stderr
+    assert json.loads((out / "status.json").read_text())["pid"] == first.pid  # untouched
+    # the first run is gone: its directory holds a run, so a fresh start there is refused...
+    again = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}",
+                            f"data.root={data}", *SMALL], cwd=ROOT, capture_output=True,
+                           text=True, timeout=600)
+    assert again.returncode == 2 and "already holds a run" in again.stderr
+    # ... and a stale lock (a dead holder) is taken over with a warning
+    (out / "run.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "then"}))
+    resumed = finish(start(out, data, "ckpt_path=last", "trainer.max_steps=14",
+                           "eval.enabled=false"))
+    assert "taking over the lock of a run that is gone (pid 999999 on gone" in resumed
+
+
+@pytest.mark.slow
+def test_two_first_runs_at_once_share_fresh_caches(tmp_path):
+    """Fresh data root and cache: both generate / compute what they need, and both finish."""
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    extra = ["trainer.max_steps=2", "eval.fid=true", "eval.fid_feature=clip",
+             "eval.fid_reference_size=8", "eval.every_n_steps=0"]
+    procs = [start(tmp_path / f"run{i}", data, *extra, cache=cache) for i in range(2)]
+    for proc in procs:
+        finish(proc)
+    finals = [_untimed(json.loads((tmp_path / f"run{i}" / "metrics.json").read_text())["final"])
+              for i in range(2)]
+    assert finals[0] == pytest.approx(finals[1], rel=1e-5)  # same data, same statistics
+    assert len(list((cache / "fid_reference").glob("*.pt"))) == 1
+    assert not list(data.rglob("*.tmp"))

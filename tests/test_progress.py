@@ -1,0 +1,96 @@
+"""The step progress bar: step/max_steps across epochs, steps/s and ETA without evaluation time,
+loss in the postfix, and a resumed run starting at its step (real Lightning runs, tiny model)."""
+import time
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+from cnexp.progress import StepProgressBar
+
+
+class Regression(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = torch.nn.functional.mse_loss(self.layer(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):  # 4 batches per epoch: 10 steps span 3 epochs
+        g = torch.Generator().manual_seed(0)
+        return DataLoader(TensorDataset(torch.randn(8, 4, generator=g),
+                                        torch.randn(8, 1, generator=g)), batch_size=2)
+
+
+class SlowEvaluation(L.Callback):
+    """Stands in for the evaluation callback: spends wall time in training hooks, counts it."""
+
+    def __init__(self, pause: float):
+        self.pause, self.seconds = pause, 0.0
+
+    def _evaluate(self):
+        start = time.perf_counter()
+        time.sleep(self.pause)
+        self.seconds += time.perf_counter() - start
+
+    def on_train_start(self, trainer, module):
+        self._evaluate()
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == 5:
+            self._evaluate()
+
+
+def fit(tmp_path, max_steps, bar, callbacks=(), ckpt_path=None, **kwargs):
+    trainer = L.Trainer(max_steps=max_steps, logger=False, default_root_dir=tmp_path,
+                        callbacks=[*callbacks, bar], enable_model_summary=False, **kwargs)
+    trainer.fit(Regression(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def test_bar_counts_steps_over_max_steps_with_the_loss(tmp_path, capsys):
+    bar = StepProgressBar()
+    trainer = fit(tmp_path, 10, bar, enable_checkpointing=False)
+    tq = bar.train_progress_bar
+    assert trainer.current_epoch >= 2  # several epochs, one bar: not reset per epoch
+    assert (tq.n, tq.total, tq.initial) == (10, 10, 0)
+    loss = float(trainer.callback_metrics["train/loss"])
+    assert tq.postfix == f"loss={Tqdm.format_num(loss)}"  # by its last name, no v_num
+    line = capsys.readouterr().out.split("\r")[-1]
+    assert line.startswith("train 10/10 |") and "step/s" in line and "loss=" in line
+
+
+def test_evaluation_time_is_left_out_of_the_rate_and_shown_apart(tmp_path, capsys):
+    evaluation = SlowEvaluation(pause=0.6)
+    bar = StepProgressBar(lambda: evaluation.seconds)
+    start = time.perf_counter()
+    fit(tmp_path, 10, bar, callbacks=[evaluation], enable_checkpointing=False)
+    wall = time.perf_counter() - start
+    elapsed = bar.train_progress_bar.format_dict["elapsed"]
+    assert evaluation.seconds >= 1.2 and wall > evaluation.seconds
+    # the bar's clock ran only while training: wall minus both evaluations (within slack)
+    assert elapsed < wall - evaluation.seconds + 0.05
+    assert bar.train_progress_bar.postfix.endswith(f", eval={evaluation.seconds:.0f}s")
+    out = capsys.readouterr().out
+    assert "/?" not in out and out.split("\r")[-1].endswith("eval=1s]")
+
+
+def test_resumed_run_starts_the_bar_at_its_step(tmp_path):
+    first = fit(tmp_path, 4, StepProgressBar())
+    ckpt = first.checkpoint_callback.best_model_path
+    assert ckpt
+    bar = StepProgressBar()
+    fit(tmp_path, 10, bar, ckpt_path=ckpt)
+    tq = bar.train_progress_bar
+    assert (tq.initial, tq.n, tq.total) == (4, 10, 10)
+    # tqdm's rate is (n - initial) / elapsed: the 6 steps this process trained, not the 4 restored
+    assert tq.n - tq.initial == 6
