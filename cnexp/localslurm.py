@@ -2,7 +2,7 @@
 slurm.conf, plus job accounting (slurmdbd on a private MariaDB) so `sacct` answers, as on a real
 cluster. For tests, and for trying `hydra/launcher=slurm` on a workstation:
 
-    python -m cnexp.localslurm [--dir DIR]   # starts it, prints the SLURM_CONF to export, Ctrl-C stops
+    python -m cnexp.localslurm [--dir DIR]   # start; prints the SLURM_CONF to export; Ctrl-C stops
 
 Needs root (slurmd starts jobs as their owner) and Debian's packages
 `apt-get install -y slurm-wlm munge slurmdbd mariadb-server` (without the last two it runs with
@@ -28,7 +28,7 @@ DAEMONS = ("munged", "mariadbd", "slurmdbd", "slurmctld", "slurmd")  # in start 
 CLIENTS = ("sbatch", "squeue", "sinfo", "scontrol", "scancel", "srun")
 ACCOUNTING = ("mariadb-install-db", "mariadbd", "mariadb-admin", "slurmdbd", "sacct", "sacctmgr")
 PARTITION = "debug"
-CRED_EXPIRE_S = 20  # job launch credentials' lifetime: long enough for a busy machine to start a step
+CRED_EXPIRE_S = 20  # job launch credentials' lifetime: long enough for a busy machine's step start
 
 
 def _which(name: str) -> Optional[str]:
@@ -55,10 +55,16 @@ def accounting_unavailable_reason() -> Optional[str]:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """n distinct TCP ports free right now (all held open until all are chosen)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+    finally:
+        for sock in socks:
+            sock.close()
 
 
 class LocalSlurm:
@@ -69,16 +75,20 @@ class LocalSlurm:
     (SLURM_CONF); `start()` sets them in os.environ too, so submitit in this process and its
     children talk to this cluster."""
 
-    def __init__(self, root: Path, cpus: int = 2, memory_mb: int = 20000,
+    def __init__(self, root: Path, cpus: Optional[int] = None, memory_mb: Optional[int] = None,
                  accounting: Optional[bool] = None, start_timeout_s: float = 90):
         self.root = Path(root).resolve()
-        self.cpus, self.memory_mb, self.start_timeout_s = cpus, memory_mb, start_timeout_s
+        # slurmd drains a node that claims more CPUs or memory than the machine has
+        self.cpus = cpus or os.cpu_count() or 1
+        self.memory_mb = memory_mb or int(
+            os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.8) // 2**20
+        self.start_timeout_s = start_timeout_s
         self.accounting = accounting_unavailable_reason() is None if accounting is None \
             else accounting
         self.node = socket.gethostname().split(".")[0]
         self.conf = self.root / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
-        self.ports = {name: _free_port() for name in ("mariadb", "slurmdbd", "slurmctld", "slurmd")}
+        self.ports = dict(zip(("mariadb", "slurmdbd", "slurmctld", "slurmd"), _free_ports(4)))
         self._procs: dict[str, subprocess.Popen] = {}
         self._old_env: dict[str, Optional[str]] = {}
 
@@ -98,7 +108,7 @@ class LocalSlurm:
         r = self.root
         conf = {
             "ClusterName": "cnexp-local",
-            "SlurmctldHost": self.node,
+            "SlurmctldHost": f"{self.node}(127.0.0.1)",  # the host name need not resolve
             **self._common(),
             # a requeued job waits cred_expire + 1 s before it may start again (default 120)
             "AuthInfo": f"socket={self.root / 'munge' / 'socket'},cred_expire={CRED_EXPIRE_S}",
@@ -123,21 +133,22 @@ class LocalSlurm:
         }
         if self.accounting:  # what `sacct` (and so submitit's job watcher) reads
             conf.update({"AccountingStorageType": "accounting_storage/slurmdbd",
-                         "AccountingStorageHost": self.node,
+                         "AccountingStorageHost": "127.0.0.1",
                          "AccountingStoragePort": self.ports["slurmdbd"],
                          # for slurmdbd connections this names the munge socket, not a password
                          "AccountingStoragePass": self.root / "munge" / "socket",
                          "JobAcctGatherType": "jobacct_gather/linux",
                          "JobAcctGatherFrequency": 30})
         text = "".join(f"{key}={value}\n" for key, value in conf.items())
-        text += (f"NodeName={self.node} CPUs={self.cpus} RealMemory={self.memory_mb} "
-                 "State=UNKNOWN\n")
-        text += f"PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE State=UP\n"
+        text += (f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={self.cpus} "
+                 f"RealMemory={self.memory_mb} State=UNKNOWN\n")
+        text += f"PartitionName={PARTITION} Nodes={self.node} Default=YES MaxTime=INFINITE\n"
         return text
 
     def slurmdbd_conf_text(self) -> str:
-        conf = {**self._common(), "DbdHost": self.node, "DbdPort": self.ports["slurmdbd"],
-                "PidFile": self.root / "slurmdbd.pid", "StorageType": "accounting_storage/mysql",
+        conf = {**self._common(), "DbdHost": self.node, "DbdAddr": "127.0.0.1",
+                "DbdPort": self.ports["slurmdbd"], "PidFile": self.root / "slurmdbd.pid",
+                "StorageType": "accounting_storage/mysql",
                 "StorageHost": "127.0.0.1", "StoragePort": self.ports["mariadb"],
                 "StorageUser": "root", "StorageLoc": "slurm_acct_db"}
         return "".join(f"{key}={value}\n" for key, value in conf.items())
@@ -277,15 +288,22 @@ class LocalSlurm:
         self.stop()
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # `kill <pid>` stops the cluster as Ctrl-C does
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", type=Path, help="where config, state and logs go "
                         "(default: a new temporary directory)")
-    parser.add_argument("--cpus", type=int, default=os.cpu_count())
+    parser.add_argument("--cpus", type=int, help="CPUs of the node (default: all)")
     args = parser.parse_args(argv)
     root = args.dir or Path(tempfile.mkdtemp(prefix="cnexp-slurm-"))
+    signal.signal(signal.SIGTERM, _interrupt)
     with LocalSlurm(root, cpus=args.cpus) as cluster:
-        print(f"local SLURM up: node {cluster.node}, partition {PARTITION}, logs in {root / 'log'}")
+        accounting = "with" if cluster.accounting else "WITHOUT"
+        print(f"local SLURM up: node {cluster.node} ({cluster.cpus} CPUs), partition {PARTITION}, "
+              f"{accounting} job accounting; logs in {root / 'log'}")
         print(f"in another shell:  export SLURM_CONF={cluster.conf}")
         print("Ctrl-C cancels its jobs and stops it.", flush=True)
         try:

@@ -1,16 +1,19 @@
 """SLURM for real: `hydra/launcher=slurm` sweeps on a throwaway one-node cluster started here
 (cnexp/localslurm.py) — a grid whose failing jobs are listed while the others finish, compare on
-it, and a 2-task DDP job that agrees with one process.
+it, a job pre-empted as a cluster does it (requeued, resumed, the same record and weights as an
+uninterrupted one), and a 2-task DDP job that agrees with one process.
 
 Two sweeps share the cluster and are submitted together, so SLURM keeps both CPUs busy:
-  main  optim.lr=1e-3,-1 x logger.name=reference,preempted: two identical tiny runs and two that
-        fail validation (lr -1);
+  main  optim.lr=-1,1e-3 x logger.name=reference,preempted: two jobs that fail validation
+        (lr -1), then two identical tiny runs; `preempted` gets SIGUSR2 once it has saved a
+        checkpoint;
   ddp   the same run as `reference` with trainer=ddp_cpu, tasks_per_node=2.
 Skipped, with the reason, where no cluster can start (no slurm-wlm/munge/slurmdbd/mariadb-server
 packages, not root); CNEXP_REQUIRE_SLURM=1 (set by .ci/run) turns that skip into a failure.
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -25,6 +28,7 @@ from cnexp.runs import FAILED, OK, load_sweep
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 from conftest import ROOT, TINY
 from test_ddp import assert_ddp_matches_one_process
+from test_integrity import assert_same_run
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow,
               pytest.mark.skipif(not (TINY / "model_index.json").exists(),
@@ -37,7 +41,8 @@ RUN = [f"data.train_size={SIZES['train']}", f"data.val_size={SIZES['val']}",
        f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
        "trainer.checkpoint_every_n_steps=1", "trainer.enable_progress_bar=false",
        "eval.every_n_steps=3", "eval.curve_images=2", "eval.prompt_settings=[conflicting,perfect]",
-       "eval.fid=false", "eval.clip_score=false", "sampling.steps=2", "logger.mode=disabled"]
+       "eval.fid=false", "eval.clip_score=false", "sampling.steps=2", "logger.mode=disabled",
+       "ckpt_path=auto"]  # what a requeued job needs: resume if there is a checkpoint
 # conf/local/slurm.yaml's job: what a cluster's local file says, given on the command line so a
 # developer's own file does not leak in (account, qos, GPUs of their real cluster)
 LAUNCHER = ["hydra/launcher=slurm", "hydra.launcher.partition=debug",
@@ -103,13 +108,42 @@ def sweeps(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-sweeps")
     data = ensure_tiny_dataset(root / "data", SIZES)  # once, before jobs could race to write it
     common = [*LAUNCHER, f"data.root={data}", *RUN]
-    main = Sweep(root / "main", [*common, "optim.lr=1e-3,-1", "logger.name=reference,preempted"])
+    main = Sweep(root / "main", [*common, "optim.lr=-1,1e-3", "logger.name=reference,preempted"])
     ddp = Sweep(root / "ddp", [*common, "trainer=ddp_cpu", "hydra.launcher.tasks_per_node=2",
                                "logger.name=ddp"])
-    yield {"main": main, "ddp": ddp}
-    for sweep in (main, ddp):
-        if sweep.proc.poll() is None:
-            sweep.proc.kill()
+    try:
+        preempted = preempt_after_first_checkpoint(main, cluster, main.dir / "3_baseline-s0")
+        yield {"main": main, "ddp": ddp, "preempted": preempted}
+    finally:
+        for sweep in (main, ddp):
+            if sweep.proc.poll() is None:
+                sweep.proc.kill()
+                sweep.proc.wait()
+
+
+def preempt_after_first_checkpoint(sweep: Sweep, cluster: LocalSlurm, job_dir: Path) -> str:
+    """Send SIGUSR2 (submitit's pre-emption/time-limit signal, as `sbatch --signal` delivers it)
+    to the SLURM job training in job_dir once it has saved a checkpoint; returns its array id."""
+    index = job_dir.name.split("_")[0]  # the Hydra job number is the array index
+    deadline = time.monotonic() + SWEEP_TIMEOUT_S
+
+    def pending(task: str) -> bool:  # any task of the array still waiting to start
+        array = task.split("_")[0]
+        return bool(cluster.run("squeue", "-h", "-r", "-t", "PENDING", "-j", array).strip())
+
+    # 22.05 answers a non-KILL signal to one array task while others are pending with "try
+    # again later" (for the pending ones) and scancel repeats it: wait until all have started
+    task = None
+    while task is None or pending(task):
+        if sweep.proc.poll() is not None or time.monotonic() > deadline:
+            sweep.finish()
+            pytest.fail(f"{job_dir.name} never saved a checkpoint\n{sweep.tail()}")
+        time.sleep(0.5)
+        if (job_dir / "checkpoints" / "last.ckpt").exists():
+            (folder,) = [d for d in (sweep.dir / ".submitit").glob(f"*_{index}") if d.is_dir()]
+            task = folder.name
+    cluster.run("scancel", "--signal=USR2", task)
+    return task
 
 
 def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
@@ -118,11 +152,11 @@ def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
     jobs = {d.name: d for d in main.dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
     assert sorted(jobs) == ["0_baseline-s0", "1_baseline-s0", "2_baseline-s0", "3_baseline-s0"]
     records = {r.name: r for r in load_sweep(main.dir)}
-    assert [records[name].status for name in sorted(jobs)] == [OK, OK, FAILED, FAILED]
-    assert "optim.lr" in records["2_baseline-s0"].error
-    for name in ("2_baseline-s0", "3_baseline-s0"):
-        assert f"failed: {name}" in main.log  # the sweep summary names them
+    assert [records[name].status for name in sorted(jobs)] == [FAILED, FAILED, OK, OK]
+    assert "optim.lr" in records["0_baseline-s0"].error
     for name in ("0_baseline-s0", "1_baseline-s0"):
+        assert f"failed: {name}" in main.log  # the sweep summary names them
+    for name in ("2_baseline-s0", "3_baseline-s0"):
         assert (jobs[name] / "controlnet" / "config.json").exists()
         assert records[name].history and records[name].history[-1]["step"] == STEPS
 
@@ -139,7 +173,23 @@ def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
 
     assert compare_main([str(main.dir)]) == 0
     report = (main.dir / "compare" / "report.md").read_text()
-    assert "2 ok · 2 failed · 0 incomplete · 0 missing" in report, report
+    assert "2 ok · 2 failed · 0 incomplete" in report, report
+
+
+def test_preempted_job_is_requeued_and_matches_an_uninterrupted_one(sweeps, cluster):
+    main, job_id = sweeps["main"].finish(), sweeps["preempted"]
+    reference, preempted = main.dir / "2_baseline-s0", main.dir / "3_baseline-s0"
+    log = "".join(p.read_text() for p in (main.dir / ".submitit" / job_id).glob("*_log.*"))
+    # cnexp stopped at a step end and saved; submitit's handler (called after) requeued the job
+    assert "SIGUSR2 received: finishing this step" in log, log[-3000:]
+    assert f"Requeued job {job_id}" in log, log[-3000:]
+    states = cluster.run("sacct", "--duplicates", "-X", "-n", "-P", "-o", "State", "-j", job_id)
+    assert states.split()[0] == "REQUEUED", states
+    record = json.loads((preempted / "metrics.json").read_text())
+    assert len(record["resumed_at"]) == 1 and 0 < record["resumed_at"][0] < STEPS, record
+    assert json.loads((preempted / "status.json").read_text())["status"] == "ok"
+    # the same evaluations from step 0, losses, CSV and bitwise the same ControlNet
+    assert_same_run(reference, preempted)
 
 
 def test_two_task_ddp_job_through_slurm_matches_one_process(sweeps, cluster):
@@ -148,4 +198,4 @@ def test_two_task_ddp_job_through_slurm_matches_one_process(sweeps, cluster):
     (ddp_dir,) = [d for d in ddp.dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
     logs = sorted((ddp.dir / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2, logs  # one log per SLURM task: two ranks
-    assert_ddp_matches_one_process(main.dir / "0_baseline-s0", ddp_dir, STEPS)
+    assert_ddp_matches_one_process(main.dir / "2_baseline-s0", ddp_dir, STEPS)
