@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -90,12 +89,3 @@ def _offline() -> bool:
     except OSError:
         return True
 
-
-@torch.no_grad()
-def encode_prompts(bundle: BaseBundle, prompts: list[str]) -> torch.Tensor:
-    """Text encoder's last hidden state, as SD conditions its UNet: (B, T, D)."""
-    device = bundle.text_encoder.device
-    ids = bundle.tokenizer(prompts, padding="max_length", truncation=True,
-                           max_length=bundle.tokenizer.model_max_length,
-                           return_tensors="pt").input_ids.to(device)
-    return bundle.text_encoder(ids)[0]

@@ -13,6 +13,10 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
+                         ConnectorInit, Crop, Fidelity, InitScope, Layout, LoggerMode,
+                         OnNonFinite, PromptSetting, Scheduler, in_range)
+
 
 @dataclass
 class BaseConfig:
@@ -30,23 +34,29 @@ class ControlConfig:
     """The trainable control network and how it joins the frozen UNet (cnexp/control/)."""
     conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
     conditioning_channels: int = 3
-    branch: str = "copy"  # copy (paper) | lite | scratch | xs (ControlNet-XS)
-    connector_init: str = "zero"  # zero (paper) | gaussian | kaiming | xavier | default (PyTorch)
-    gaussian_std: float = 0.02  # weight std of connector_init=gaussian (biases start at 0)
-    init_scope: str = "connectors"  # connectors | connectors_and_hint (+ hint embedding's conv_out)
-    xs_size_ratio: float = 0.25  # ControlNet-XS channels = ratio x the base's block channels
+    branch: Branch = Branch.copy  # the trainable network; choices: cnexp/knobs.py
+    connector_init: ConnectorInit = ConnectorInit.zero  # paper: zero convolutions
+    # weight std of connector_init=gaussian (biases start at 0)
+    gaussian_std: float = field(default=0.02, metadata=POSITIVE)
+    init_scope: InitScope = InitScope.connectors  # or also the hint embedding's conv_out
+    # ControlNet-XS channels = ratio x the base's block channels
+    xs_size_ratio: float = field(default=0.25, metadata=in_range(lambda v: 0 < v <= 1,
+                                                                 "use a value in (0, 1]"))
     sd_locked: bool = True  # false: also train the UNet decoder at optim.decoder_lr (authors' repo)
     only_mid_control: bool = False  # true: only the middle-block residual reaches the UNet
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5  # the paper's AdamW learning rate
+    lr: float = field(default=1e-5, metadata=LEARNING_RATE)  # the paper's AdamW learning rate
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    prompt_dropout: float = 0.5  # share of captions replaced by "" (paper: 50%)
-    condition_dropout: float = 0.0  # share of conditions replaced by zeros (Uni-ControlNet style)
-    decoder_lr: float = 2e-6  # UNet decoder's learning rate when control.sd_locked=false
+    # share of captions replaced by "" (paper: 50%)
+    prompt_dropout: float = field(default=0.5, metadata=PROBABILITY)
+    # share of conditions replaced by zeros (Uni-ControlNet style)
+    condition_dropout: float = field(default=0.0, metadata=PROBABILITY)
+    # UNet decoder's learning rate when control.sd_locked=false
+    decoder_lr: float = field(default=2e-6, metadata=LEARNING_RATE)
     fused: bool = True  # torch's fused AdamW kernel (one kernel per step instead of a loop)
     eight_bit: bool = False  # bitsandbytes' AdamW8bit (GPU memory option for big bases)
 
@@ -54,7 +64,7 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     """Triples of condition/image/caption from one of three layouts (cnexp/data/)."""
-    layout: str = "fill50k"  # fill50k | hf (datasets: disk, parquet, imagefolder, hub) | captions
+    layout: Layout = Layout.fill50k  # hf: datasets' disk, parquet, imagefolder or hub
     # fill50k: prompt.json + images, or train/ val/ test/ sub-roots; hf: directory, parquet file or
     # hub id; captions: a folder of images with .txt sidecars or metadata.jsonl/csv
     root: str = MISSING
@@ -62,9 +72,11 @@ class DataConfig:
     train_size: int = 4000
     val_size: int = 256
     test_size: int = 256
-    resolution: int = 64
-    crop: str = "center"  # center | random (random: training split only, seeded)
-    batch_size: int = 16
+    resolution: int = field(default=64, metadata=in_range(
+        lambda v: v > 0 and v % 8 == 0, lambda v: "use a positive multiple of 8 (the VAE's "
+        f"downsampling), e.g. {max(8, v // 8 * 8)}"))
+    crop: Crop = Crop.center
+    batch_size: int = field(default=16, metadata=POSITIVE)
     num_workers: int = 0
     eval_size: int = 32  # fixed evaluation set: the first N validation triples
     # hf layout columns (diffusers' names); caption_column is also the captions layout's key
@@ -79,7 +91,7 @@ class DataConfig:
     cache_dir: Optional[str] = None  # computed conditions + datasets' cache; None: not on disk
     precompute_conditions: bool = True  # annotate every sample at setup (logs cache hits)
     skip_bad_samples: bool = False  # leave out unreadable images (scans all at setup)
-    split_seed: int = 0  # cuts val/test from train when the source has none; not the run seed,
+    split_seed: int = field(default=0, metadata=SEED)  # cuts val/test from train when the source has none; not the run seed,
     val_fraction: float = 0.05  # so the evaluation set is the same for every seed and ablation
     test_fraction: float = 0.05
 
@@ -93,36 +105,36 @@ class CacheConfig:
 
 @dataclass
 class SamplingConfig:
-    scheduler: str = "ddim"  # ddim | unipc
-    steps: int = 20
+    scheduler: Scheduler = Scheduler.ddim
+    steps: int = field(default=20, metadata=POSITIVE)
     guidance_scale: float = 7.5
     conditioning_scale: float = 1.0
-    seed: int = 0  # image i of the evaluation set always starts from noise seeded seed + i
+    seed: int = field(default=0, metadata=SEED)  # image i of the evaluation set always starts from noise seeded seed + i
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation callback (cnexp/metrics/callbacks.py); conf/callbacks/default.yaml explains."""
+    """Evaluation callback: cnexp/metrics/callbacks.py's docstring explains."""
     enabled: bool = True  # false: no sampling at all (benchmarks, smoke runs)
     # full evaluations (every prompt setting, fidelity + CLIP + FID, grids): step 0, the end,
     # and every full_every_n_steps (0: only those two)
-    full_every_n_steps: int = 0
-    num_images: Optional[int] = None  # per prompt setting; None: the whole evaluation set
-    prompt_settings: list[str] = field(
-        default_factory=lambda: ["none", "insufficient", "conflicting", "perfect"])
-    insufficient_prompt: str = "a high-quality, detailed, and professional image"
+    full_every_n_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    # per prompt setting; None: the whole evaluation set
+    num_images: Optional[int] = field(default=None, metadata=POSITIVE)
+    prompt_settings: list[PromptSetting] = field(default_factory=lambda: list(PromptSetting))
+    insufficient_prompt: str = "a high-quality, detailed, and professional image"  # the paper's
     conflict_shift: int = 1  # conflicting prompt of sample i: the caption of sample i + shift
     # fidelity curve (sudden convergence): perfect prompt, first curve_images; 0: off
-    every_n_steps: int = 100
-    curve_images: int = 8
-    fidelity: str = "auto"  # auto (from data.annotator) | outline | f1 | ssim | rmse | miou
+    every_n_steps: int = field(default=100, metadata=NON_NEGATIVE)
+    curve_images: int = field(default=8, metadata=NON_NEGATIVE)
+    fidelity: Fidelity = Fidelity.auto  # auto: from data.annotator
     convergence_metric: Optional[str] = None  # None: the fidelity's headline (shape_iou, f1, ..)
     convergence_threshold: float = 0.5
     clip_score: bool = True  # with base.clip_model
     fid: bool = True
     fid_feature: str = "inception"  # inception | clip (base.clip_model) | TorchScript file
     fid_reference_size: int = 256  # real validation images in the cached reference statistics
-    batch_size: int = 32
+    batch_size: int = field(default=32, metadata=POSITIVE)
     grid_rows: int = 8
 
 
@@ -140,7 +152,7 @@ class TrainerConfig:
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
     checkpoint_every_n_steps: int = 0  # 0: four times per run (and always at the end)
-    on_nonfinite: str = "stop"  # stop | skip: what a NaN/inf loss or gradient does
+    on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf loss or gradient does
     compile: bool = False  # torch.compile the training forward (base + control branch)
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
@@ -148,11 +160,12 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    """W&B (offline unless WANDB_MODE or logger.mode says otherwise) and csv/metrics.csv."""
     project: str = "cnexp"
-    mode: Optional[str] = None  # online | offline | disabled; None: $WANDB_MODE, else offline
-    group: Optional[str] = None
-    name: Optional[str] = None
-    csv: bool = True
+    mode: Optional[LoggerMode] = None  # None: $WANDB_MODE, else offline
+    group: Optional[str] = None  # None: the sweep's name in a multirun, else the ablation
+    name: Optional[str] = None  # None: <ablation>-s<seed>, + the swept knobs in a multirun
+    csv: bool = True  # csv/metrics.csv, written from the run's record (cnexp/runlog.py)
 
 
 @dataclass
@@ -176,9 +189,11 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     ablation: str = "baseline"
-    seed: int = 0
-    export: bool = True
-    ckpt_path: Optional[str] = None  # "last" (this run dir's checkpoints/last.ckpt) or a path  # save the trained ControlNet with save_pretrained
+    seed: int = field(default=0, metadata=SEED)
+    export: bool = True  # save the trained branch in diffusers' format (the branch's export)
+    # resume: "last" (this run dir's checkpoints/last.ckpt, which must exist), "auto" (resume if
+    # it exists, else start fresh; a finished run is left alone), or a checkpoint path
+    ckpt_path: Optional[str] = None
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -188,3 +203,4 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     # the shipped assets live beside the package, whatever directory run.py is started from
     OmegaConf.register_new_resolver("cnexp_root", lambda: str(PROJECT_ROOT), replace=True)
+    import cnexp.sweep  # noqa: F401 - registers cnexp_job_name, the multirun job's dir name

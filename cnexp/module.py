@@ -4,11 +4,11 @@ from __future__ import annotations
 import lightning as L
 import torch
 import torch.nn.functional as F
-from diffusers import ControlNetModel
+from diffusers import ModelMixin
 
 from cnexp.base import BaseBundle
 from cnexp.config import OptimConfig
-from cnexp.control import controlled_prediction
+from cnexp.control import Branch, branch_of
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.errors import CnexpError
 
@@ -16,22 +16,24 @@ FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 
 
 class ControlNetModule(L.LightningModule):
-    def __init__(self, base: BaseBundle, controlnet: ControlNetModel, optim: OptimConfig,
+    def __init__(self, base: BaseBundle, controlnet: ModelMixin, optim: OptimConfig,
                  seed: int = 0, cache: FrozenEncoderCache | None = None,
-                 compiled: bool = False):
+                 compiled: bool = False, branch: Branch | None = None):
+        """`branch`: the one that built `controlnet` (default: found from its class)."""
         super().__init__()
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.controlnet = controlnet
+        self.branch = branch or branch_of(controlnet)
         self.optim = optim
         self.seed = seed
         self.cache = cache or FrozenEncoderCache(latents=False, text=False)
         self.strict_loading = False  # checkpoints hold only the trainable part (see below)
         # trainer.compile: the training forward (frozen UNet and control branch together, so the
         # frozen UNet's normalisations and activations fuse too) goes through torch.compile;
-        # sampling stays eager, its batch shapes vary and it runs too rarely to repay a compile
-        self.train_prediction = torch.compile(controlled_prediction) if compiled \
-            else controlled_prediction
+        # sampling and the step-0 base damage stay eager: their batch shapes differ and they run
+        # too rarely to repay a compile
+        self.compiled_predict = torch.compile(self.branch.predict) if compiled else None
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -83,11 +85,14 @@ class ControlNetModule(L.LightningModule):
         return self.cache.embeddings(self._text_encoder, prompts)
 
     # ---- the controlled model ---------------------------------------------------------------
-    def controlled_unet(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                        condition: torch.Tensor, conditioning_scale: float = 1.0) -> torch.Tensor:
-        """Frozen UNet + control branch (residuals, or the fused XS model): what is trained."""
-        return controlled_prediction(self.unet, self.controlnet, noisy, t, text, condition,
-                                     conditioning_scale)
+    def controlled_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
+                              condition: torch.Tensor, conditioning_scale: float = 1.0,
+                              training: bool = False) -> torch.Tensor:
+        """The frozen UNet steered by the control branch (its `predict`): what is trained.
+        training=True (the diffusion loss) runs the compiled forward under trainer.compile."""
+        compiled = training and self.compiled_predict is not None
+        predict = self.compiled_predict if compiled else self.branch.predict
+        return predict(self.unet, self.controlnet, noisy, t, text, condition, conditioning_scale)
 
     def step_generator(self) -> torch.Generator:
         """Noise, timesteps and prompt dropout come from (seed, step) alone, so a resumed run
@@ -127,7 +132,7 @@ class ControlNetModule(L.LightningModule):
         t = self.draw(torch.randint, (latents.shape[0],), generator, args=(0, steps))
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
-        pred = self.train_prediction(self.unet, self.controlnet, noisy, t, text, condition)
+        pred = self.controlled_prediction(noisy, t, text, condition, training=True)
         kind = self.noise_scheduler.config.prediction_type
         if kind == "epsilon":
             target = noise

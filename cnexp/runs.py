@@ -24,7 +24,8 @@ from cnexp.sweep import ERROR_FILE
 OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"
 STATUSES = (OK, FAILED, INCOMPLETE, BROKEN, MISSING)
 STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
-JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+)-s(?P<seed>\d+)$")  # 3_baseline-s1
+# 3_baseline-s1, or with the job's swept knobs (cnexp/sweep.py job_name) 3_baseline-s1_lr=1e-4
+JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+?)-s(?P<seed>\d+)(?:_(?P<knobs>.*=.*))?$")
 BUDGET_KEYS = ("steps", "fit_seconds", "wall_seconds", "seconds", "epoch", "host", "cpus",
                "torch_threads", "gpu")
 WANDB_STATES = {"finished": OK, "failed": FAILED, "crashed": FAILED, "killed": FAILED}

@@ -6,8 +6,11 @@ interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.compare`
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -166,13 +169,74 @@ def sweep_name() -> Optional[str]:
     return "_".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
 
 
+# A job's name: <ablation>-s<seed>, then the other swept overrides as key=value (last part of
+# the key), e.g. baseline-s0_branch=lite. Characters a path or URL would misread become "-";
+# when that or the length cap loses anything, "~" + a hash of the overrides keeps names unique.
+NAMED_ELSEWHERE = ("ablation", "seed")
+KNOBS_MAX = 60
+UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+@functools.lru_cache(maxsize=8)
+def swept_keys(sweep_dir: str) -> Optional[frozenset]:
+    """Keys the multirun gives several values (command line and hydra.sweeper.params), read from
+    the multirun.yaml Hydra's sweeper writes before launching; None when it cannot be read."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        hydra = OmegaConf.to_container(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra)
+        lines = [*(f"{k}={v}" for k, v in (hydra["sweeper"].get("params") or {}).items()),
+                 *hydra["overrides"]["task"]]
+        overrides = OverridesParser.create().parse_overrides(lines)
+    except Exception as err:  # noqa: BLE001 - a name must not stop a job; fall back below
+        log.debug("could not read the swept keys of %s: %s", sweep_dir, err)
+        return None
+    return frozenset(o.key_or_group for o in overrides if o.is_sweep_override())
+
+
+def knobs_suffix(task_overrides: list[str], swept: Optional[frozenset]) -> str:
+    """`_key=value...` of the job's overrides of swept keys (all of its knob overrides when the
+    swept ones are unknown), or "" when there are none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parts = []
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key in NAMED_ELSEWHERE or (swept is not None and key not in swept) or \
+                (swept is None and key.startswith(NOT_KNOBS)):
+            continue
+        value = override.get_value_element_as_str()
+        parts.append(f"{key.replace('/', '.').split('.')[-1]}={value}")
+    raw = "_".join(parts)
+    safe = UNSAFE.sub("-", raw)
+    if safe != raw or len(safe) > KNOBS_MAX:
+        safe = safe[:KNOBS_MAX - 7] + "~" + hashlib.sha1(raw.encode()).hexdigest()[:6]
+    return "_" + safe if safe else ""
+
+
+def job_name(ablation: str, seed: int) -> str:
+    """The job's directory (after its number) and W&B name; in a single run <ablation>-s<seed>
+    (its directory is timestamped, its knobs are W&B tags)."""
+    name = f"{ablation}-s{seed}"
+    if not in_multirun():
+        return name
+    hydra = _hydra()
+    return name + knobs_suffix(list(hydra.overrides.task), swept_keys(str(hydra.sweep.dir)))
+
+
+# conf/hydra/default.yaml's job directory. Registered on import: a launcher's worker process
+# imports this module (it unpickles SweepSummary) before it resolves the job's directory.
+OmegaConf.register_new_resolver("cnexp_job_name", job_name, replace=True)
+
+
 def wandb_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:
     """W&B init arguments: group = logger.group, else the sweep, else the ablation;
-    name = <ablation>-s<seed>; one tag per knob that differs from baseline."""
+    name = job_name (<ablation>-s<seed>[_swept knobs]); one tag per knob that differs from
+    baseline."""
     tags = [f"ablation:{cfg.ablation}", f"seed:{cfg.seed}"]
     tags += [f"{key}={value}" for key, value in baseline_diff(cfg).items()]
     return {"group": cfg.logger.group or sweep_name() or cfg.ablation,
-            "name": cfg.logger.name or f"{cfg.ablation}-s{cfg.seed}",
+            "name": cfg.logger.name or job_name(cfg.ablation, cfg.seed),
             "tags": [tag[:WANDB_TAG_MAX] for tag in tags], "job_type": job_type}
 
 
@@ -185,12 +249,17 @@ class SweepSummary(Callback):
                           key=lambda d: (len(d.name.split("_")[0]), d.name))  # 2_ before 10_
         statuses = {d: read_status(d) for d in job_dirs}
         failed = {d: s for d, s in statuses.items() if s and s.get("status") == "failed"}
+        stopped = {d: s for d, s in statuses.items()
+                   if s and s.get("status") in ("preempted", "interrupted")}
         ok = sum(1 for s in statuses.values() if s and s.get("status") == "ok")
-        log.info("sweep finished: %d ok, %d failed of %d jobs in %s", ok, len(failed),
-                 len(statuses), sweep_dir)
+        log.info("sweep finished: %d ok, %d failed, %d stopped of %d jobs in %s", ok,
+                 len(failed), len(stopped), len(statuses), sweep_dir)
         for run_dir, status in failed.items():
             log.error("  failed: %s: %s (%s)", run_dir.name, status.get("error", "?"),
                       run_dir / ERROR_FILE)
+        for run_dir, status in stopped.items():
+            log.warning("  %s at step %s: %s (resume: %s)", status["status"], status.get("step"),
+                        run_dir.name, status.get("resume"))
         log.info("compare the runs: python -m cnexp.compare %s", sweep_dir)
-        if failed:
+        if failed or stopped:
             sys.exit(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import uuid
 from pathlib import Path
 
 import lightning as L
@@ -13,7 +14,7 @@ from lightning.pytorch.loggers import WandbLogger
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
-from cnexp.control import build_controlnet
+from cnexp.control import build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
@@ -44,15 +45,13 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
     id_file = out_dir / WANDB_ID_FILE
     run_id = id_file.read_text().strip() if id_file.exists() else None
     if not run_id:
-        from wandb.util import generate_id
-
-        run_id = generate_id()
+        run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
         if is_rank_zero():
             atomic_write(id_file, run_id + "\n")
     # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
     return [WandbLogger(project=cfg.logger.project, save_dir=str(out_dir), id=run_id,
                         resume="allow", offline=mode == "offline", **wandb_identity(cfg),
-                        config=OmegaConf.to_container(cfg, resolve=True))]
+                        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))]
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
@@ -81,12 +80,15 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         torch.set_num_threads(max(1, torch.get_num_threads() // max(1, cfg.trainer.devices)))
 
     base = load_base(cfg.base)
+    branch = get_branch(cfg.control.branch)
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
     cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
-                              compiled=cfg.trainer.compile)
-    data = TriplesDataModule(cfg.data, seed=cfg.seed)
+                              compiled=cfg.trainer.compile, branch=branch)
+    # the tokenizer: setup warns once about captions it cannot carry whole
+    prompts = (cfg.eval.insufficient_prompt,) if cfg.eval.enabled else ()
+    data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer, prompts=prompts)
     data.prepare_data()
     evaluation = build_evaluation(cfg, data, out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -130,7 +132,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         losses=run_log.losses, resumed_at=run_log.resumed_at)
     if trainer.is_global_zero:
         if cfg.export:
-            controlnet.save_pretrained(out_dir / "controlnet")
+            branch.export(controlnet, out_dir / "controlnet")
             if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
                 base.unet.save_pretrained(out_dir / "unet")
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

@@ -1,6 +1,8 @@
-"""Range checks the type system cannot express; each names the override that fixes it."""
+"""Checks of a composed config that its types cannot express, each naming the override that
+fixes it: the ranges declared beside the fields (cnexp/knobs.py), then combinations of knobs."""
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -9,42 +11,46 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from cnexp.errors import CnexpError
+from cnexp.config import TrainConfig
+from cnexp.errors import ConfigError
 
 
-class ConfigError(CnexpError):
-    pass
 
 
 def validate(cfg: DictConfig) -> None:
-    checks = [
-        (0.0 <= cfg.optim.prompt_dropout <= 1.0, "optim.prompt_dropout",
-         f"is {cfg.optim.prompt_dropout}; it is a probability, use a value in [0, 1]"),
-        (cfg.optim.lr > 0, "optim.lr", f"is {cfg.optim.lr}; the learning rate must be > 0"),
-        (0.0 <= cfg.optim.condition_dropout <= 1.0, "optim.condition_dropout",
-         f"is {cfg.optim.condition_dropout}; it is a probability, use a value in [0, 1]"),
-        (cfg.optim.decoder_lr > 0, "optim.decoder_lr",
-         f"is {cfg.optim.decoder_lr}; the learning rate must be > 0"),
-        (cfg.data.resolution > 0 and cfg.data.resolution % 8 == 0, "data.resolution",
-         f"is {cfg.data.resolution}; use a positive multiple of 8 (the VAE's downsampling), "
-         f"e.g. {max(8, cfg.data.resolution // 8 * 8)}"),
-        (cfg.data.batch_size > 0, "data.batch_size", f"is {cfg.data.batch_size}; must be > 0"),
+    for key, value, allowed in ranged_fields(cfg, TrainConfig):
+        if value is not None and not allowed.ok(value):
+            fail(key, f"is {value}; {allowed.reason(value)}")
+    combinations = [
         (cfg.trainer.max_steps > 0 or cfg.trainer.fast_dev_run, "trainer.max_steps",
          f"is {cfg.trainer.max_steps}; must be > 0"),
         (not (cfg.data.crop == "random" and cfg.cache.latents), "cache.latents",
          "is true with data.crop=random: cached latents would not match the random crops; "
          "set cache.latents=false or data.crop=center"),
-        (cfg.sampling.steps > 0, "sampling.steps", f"is {cfg.sampling.steps}; must be > 0"),
     ]
-    for ok, key, why in checks:
+    for ok, key, why in combinations:
         if not ok:
-            raise ConfigError(f"{key} {why} (override it: python run.py {key}=...)")
+            fail(key, why)
     output_dir = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
     if output_dir is not None:
         check_writable(output_dir, "paths.output_dir")
-    from cnexp.control import check_control  # the control knobs' choices and combinations
+    from cnexp.control.branch import get_branch  # heavy (diffusers): only when a run starts
 
-    check_control(cfg.control)
+    get_branch(cfg.control.branch).check(cfg.control)
+
+
+def ranged_fields(cfg: Any, schema: type, prefix: str = ""):
+    """(key, value, Range) for every field of `schema` that declares a range, at any depth."""
+    for f in dataclasses.fields(schema):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(f.default_factory):  # a section: TrainConfig.optim, ...
+            yield from ranged_fields(value, f.default_factory, f"{prefix}{f.name}.")
+        elif "range" in f.metadata:
+            yield f"{prefix}{f.name}", value, f.metadata["range"]
+
+
+def fail(key: str, why: str) -> None:
+    raise ConfigError(f"{key} {why} (override it: python run.py {key}=...)")
 
 
 def check_writable(path: str | Path, key: str) -> None:

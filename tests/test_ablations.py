@@ -13,16 +13,20 @@ from diffusers import ControlNetModel, ControlNetXSAdapter, UNet2DConditionModel
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from cnexp.control import BRANCHES, build_controlnet, count_trainable, decoder_parameters
+from cnexp.control import (branch_of, build_controlnet, count_trainable, decoder_parameters,
+                           get_branch)
 from cnexp.control.base_damage import METRIC, BaseDamageCallback, base_damage
-from cnexp.control.connectors import (connector_convs, down_connectors, expected_weight_std,
-                                      hint_conv)
+from cnexp.control.connectors import expected_weight_std
 from cnexp.control.lite import ControlNetLite, residual_layout
 from cnexp.control.xs import expand_to_two_layers
 from cnexp.module import ControlNetModule
 from cnexp.sampling import generate, make_pipeline
-from cnexp.validate import ConfigError, validate
+from cnexp.errors import ConfigError
+from cnexp.knobs import Branch
+from cnexp.validate import validate
 from conftest import ROOT, TINY, compose_cfg
+
+BRANCHES = [b.value for b in Branch]
 
 PRESETS = {  # preset -> the knobs it changes (every other value is the baseline's)
     "baseline": {},
@@ -54,6 +58,18 @@ def make_module(tiny_cfg, base, optim=None, **knobs) -> ControlNetModule:
 def own_unet(base):
     """A base whose UNet this test may unfreeze (the session's base stays frozen)."""
     return dataclasses.replace(base, unet=copy.deepcopy(base.unet))
+
+
+def connector_convs(control):
+    return branch_of(control).connectors(control)
+
+
+def down_connectors(control):
+    return branch_of(control).down_connectors(control)
+
+
+def hint_conv(control):
+    return branch_of(control).hint_conv(control)
 
 
 def conv_params(c_in, c_out, k):
@@ -211,10 +227,32 @@ def test_xs_needs_a_four_channel_latent_base(tiny_cfg):
         build_controlnet(unet, control_cfg(tiny_cfg, branch="xs"))
 
 
+@pytest.mark.parametrize("override, choices", [
+    ("control.branch=lit", "copy, scratch, lite, xs"),
+    ("control.connector_init=zeros", "zero, gaussian, kaiming, xavier, default"),
+    ("control.init_scope=all", "connectors, connectors_and_hint"),
+])
+def test_a_misspelt_choice_fails_at_composition_listing_the_choices(override, choices):
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg([override])
+    message = f"{err.value}: {err.value.__cause__}"
+    knob, value = override.split("=")
+    assert f"Invalid value '{value}', expected one of [{choices}]" in message, message
+    assert f"full_key: {knob}" in message
+
+
+def test_the_branch_choices_are_the_registered_branches():
+    from cnexp.control import BRANCHES as REGISTERED
+
+    assert sorted(REGISTERED) == sorted(BRANCHES)
+    assert all(get_branch(name).name == name for name in BRANCHES)
+    with pytest.raises(ConfigError, match=r"control\.branch=toy is unknown: use one of \["):
+        get_branch("toy")  # an untyped config (a recorded config.yaml) names an absent branch
+
+
 @pytest.mark.parametrize("override, message", [
-    ("control.branch=resnet", "control.branch"),
-    ("control.connector_init=ones", "control.connector_init"),
-    ("control.init_scope=all", "control.init_scope"),
+    ("control.gaussian_std=0", "control.gaussian_std"),
+    ("control.xs_size_ratio=1.5", "control.xs_size_ratio"),
     ("optim.condition_dropout=-0.1", "optim.condition_dropout"),
     ("optim.prompt_dropout=1.01", "optim.prompt_dropout"),
 ])
@@ -233,7 +271,7 @@ def test_xs_refuses_switches_that_need_residuals():
 def test_prompt_dropout_rate_over_10000_draws_is_reproducible(p, tiny_cfg, tiny_base):
     optim = copy.deepcopy(tiny_cfg.optim)
     optim.prompt_dropout = p
-    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim)
+    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim, branch=get_branch("copy"))
     captions = [f"caption {i}" for i in range(10_000)]
     kept = module.drop_prompts(captions, torch.Generator().manual_seed(0))
     assert abs(kept.count("") / 10_000 - p) <= 0.02
@@ -245,7 +283,7 @@ def test_prompt_dropout_rate_over_10000_draws_is_reproducible(p, tiny_cfg, tiny_
 
 def test_condition_dropout_rate_and_zero_draws_nothing(tiny_cfg, tiny_base):
     optim = copy.deepcopy(tiny_cfg.optim)
-    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim)
+    module = ControlNetModule(tiny_base, torch.nn.Identity(), optim, branch=get_branch("copy"))
     conditions = torch.rand(10_000, 3, 2, 2) + 0.1
     generator = torch.Generator().manual_seed(0)
     assert module.drop_conditions(conditions, generator) is conditions  # 0: nothing drawn

@@ -1,5 +1,5 @@
 """Bad input (issue 8): each gives one clear error naming the file, field or override and the fix,
-and nothing already written is lost. One test per row of the README's table."""
+and nothing already written is lost. One test per row of the table in docs/reliability.md."""
 import errno
 import os
 import subprocess
@@ -14,7 +14,8 @@ from cnexp.base import BaseModelUnavailable, load_base
 from cnexp.config import DataConfig
 from cnexp.data.images import DataError
 from cnexp.reliability import CheckpointError, SafeCheckpointIO
-from cnexp.validate import ConfigError, validate
+from cnexp.errors import ConfigError
+from cnexp.validate import validate
 from conftest import ROOT, compose_cfg
 
 
@@ -42,6 +43,14 @@ def test_unknown_knob_names_the_key_and_its_section():
     assert "Could not override 'optim.lrr'" in output
     assert "Key 'lrr' not in 'OptimConfig'" in output
     assert "Traceback" not in output
+
+
+# 2b. misspelt choice: the schema's Enum rejects it at composition, listing the choices
+def test_misspelt_choice_names_the_knob_and_lists_the_choices():
+    code, output = run_py("control.branch=lit")
+    assert code == 1, output
+    assert "Invalid value 'lit', expected one of [copy, scratch, lite, xs]" in output
+    assert "full_key: control.branch" in output and "Traceback" not in output
 
 
 # 3. knob out of range: one ConfigError naming the override; run.py exits 2 without a traceback

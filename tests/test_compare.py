@@ -10,7 +10,7 @@ from PIL import Image
 
 from cnexp.compare import compare, main, select_runs, split_key, summarize
 from cnexp.plots import sudden_step
-from cnexp.runs import FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
+from cnexp.runs import BROKEN, FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
 from cnexp.stats import mean_ci, paired_difference
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (from a table)
@@ -213,3 +213,41 @@ def test_dynamics_table_reads_base_damage_and_sudden_convergence_per_seed():
     assert row[:3] == ["no_zero_conv", "0, 1", "0.009; 0.000"]
     assert row[3] == "shape_iou 0.200 → 0.700; shape_iou 0.200 → 0.700"
     assert row[4:] == ["200; never", "100; 100"]
+
+
+@pytest.mark.parametrize("content,reason", [
+    ('{"ablation": "baseline", "seed": 2, "steps"', "not valid JSON"),  # truncated by a kill
+    ("null", "must be a JSON object"),
+    ('{"final": "x"}', "field 'ablation' is missing"),
+    ('{"ablation": "baseline", "seed": 2, "steps": 3, "history": [], "final": "x"}',
+     "field 'final' must be an object of numbers"),
+    ('{"ablation": "baseline", "seed": 2, "steps": 3, "history": [{"step": "0"}]}',
+     "history[0] has no integer 'step'"),
+])
+def test_a_broken_record_is_listed_with_its_reason_and_the_report_is_written(
+        sweep, tmp_path_factory, content, reason):
+    broken = fake_run(sweep, 20, "baseline", 2, None)  # overwrites nothing: its own directory
+    (broken / "metrics.json").write_text(content)
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    rows = {r["run"]: r for r in csv.DictReader((out / "runs.csv").open())}
+    assert rows[broken.name]["status"] == BROKEN
+    assert reason in rows[broken.name]["error"] and "metrics.json" in rows[broken.name]["error"]
+    assert sum(r["status"] == OK for r in rows.values()) == 6  # the others are all there
+    assert reason in (out / "report.md").read_text()
+
+
+def test_a_status_file_of_another_shape_makes_the_run_broken(sweep):
+    (sweep / "0_baseline-s0" / "status.json").write_text('{"status": "great"}')
+    run = next(r for r in load_sweep(sweep) if r.name == "0_baseline-s0")
+    assert run.status == BROKEN and "'status' must be one of" in run.error
+
+
+def test_a_preempted_run_says_where_it_stopped_and_how_to_resume(sweep):
+    run_dir = fake_run(sweep, 21, "lite", 3, None, status="preempted")
+    status = json.loads((run_dir / "status.json").read_text())
+    status.update(step=163, resume="python run.py hydra.run.dir=x ckpt_path=last")
+    (run_dir / "status.json").write_text(json.dumps(status))
+    run = next(r for r in load_sweep(sweep) if r.name == run_dir.name)
+    assert run.status == INCOMPLETE
+    assert "preempted at step 163" in run.error and "ckpt_path=last" in run.error

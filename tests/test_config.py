@@ -1,8 +1,16 @@
+import json
+import typing
+
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
+from cnexp.config import TrainConfig
+from cnexp.data.datamodule import LAYOUTS
+from cnexp.errors import ConfigError
+from cnexp.knobs import Branch, Fidelity, Scheduler
 from cnexp.validate import validate
-from conftest import compose_cfg
+from conftest import ROOT, compose_cfg
 
 
 def test_default_composes_to_the_tiny_world():
@@ -35,3 +43,89 @@ def test_unknown_knob_or_preset_fails_at_composition(override):
 def test_mistyped_value_fails_at_composition():
     with pytest.raises(Exception, match="max_steps"):
         compose_cfg(["trainer.max_steps=abc"])
+
+
+# ---- one source of truth: choices and ranges are declared with the fields -------------------
+@pytest.mark.parametrize("override", [
+    "control.branch=lit", "control.connector_init=zeros", "control.init_scope=all",
+    "data.layout=fill5k", "data.crop=left", "sampling.scheduler=euler",
+    "eval.prompt_settings=[none,vague]", "eval.fidelity=psnr", "trainer.on_nonfinite=ignore",
+    "logger.mode=on"])
+def test_a_misspelt_choice_fails_at_composition_naming_the_knob_and_its_choices(override):
+    knob, value = override.split("=")
+    field_type = _field_type(knob)
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg([override])
+    message = f"{err.value}\n{err.value.__cause__}"
+    bad = value.strip("[]").split(",")[-1]
+    assert f"Invalid value '{bad}', expected one of [{', '.join(field_type)}]" in message
+    assert f"full_key: {knob}" in message
+
+
+def _field_type(knob: str):
+    """The Enum a schema field declares (inside Optional[...] or list[...])."""
+    section, name = knob.split(".")
+    hints = typing.get_type_hints(typing.get_type_hints(TrainConfig)[section])
+    kind = hints[name]
+    while typing.get_args(kind):
+        kind = next(a for a in typing.get_args(kind) if a is not type(None))
+    return kind
+
+
+def test_choices_compare_print_and_record_as_their_plain_strings(tmp_path):
+    cfg = compose_cfg(["control.branch=lite", "sampling.scheduler=dpmsolver"], out_dir=tmp_path)
+    assert isinstance(cfg.control.branch, Branch) and cfg.control.branch == "lite"
+    assert f"{cfg.control.branch}" == str(cfg.control.branch) == "lite"
+    assert json.dumps(OmegaConf.to_container(cfg.control))  # W&B config, metrics.json
+    OmegaConf.save(cfg, tmp_path / "config.yaml", resolve=True)
+    assert "branch: lite" in (tmp_path / "config.yaml").read_text()
+    recorded = OmegaConf.load(tmp_path / "config.yaml")  # a run's record merges back
+    again = OmegaConf.merge(OmegaConf.structured(TrainConfig), recorded)
+    assert again.control.branch is Branch.lite and again.sampling.scheduler == "dpmsolver"
+
+
+def test_every_choice_has_its_implementation():
+    from cnexp.control import BRANCHES
+    from cnexp.metrics.fidelity import FIDELITY
+    from cnexp.sampling import SAMPLERS
+
+    assert set(BRANCHES) == set(Branch)
+    assert set(SAMPLERS) == set(Scheduler)
+    assert set(FIDELITY) | {"auto"} == set(Fidelity)
+    assert set(LAYOUTS) == {"fill50k", "hf", "captions"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.every_n_steps=-1", r"eval\.every_n_steps is -1; must be >= 0 \(0: off\)"),
+    ("eval.num_images=0", r"eval\.num_images is 0; must be > 0"),
+    ("sampling.steps=0", r"sampling\.steps is 0; must be > 0"),
+    ("control.xs_size_ratio=0", r"control\.xs_size_ratio is 0\.0; use a value in \(0, 1\]"),
+    ("control.gaussian_std=-1", r"control\.gaussian_std is -1\.0; must be > 0"),
+])
+def test_ranges_declared_beside_the_fields_name_the_override(override, message):
+    with pytest.raises(ConfigError, match=message + r" \(override it: python run\.py "):
+        validate(compose_cfg([override]))
+
+
+def test_presets_hold_only_what_differs_from_the_schema():
+    """No group file repeats a schema default (a repeated default is a second place to edit, and
+    a later file in the defaults list silently overrides an earlier preset's value)."""
+    schema = OmegaConf.to_container(OmegaConf.structured(TrainConfig))
+    for group in ("trainer", "data"):
+        for path in sorted((ROOT / "conf" / group).glob("*.yaml")):
+            preset = OmegaConf.to_container(OmegaConf.load(path))  # unresolved
+            preset.pop("defaults", None)
+            assert preset, path
+            for key, value in preset.items():
+                assert value != schema[group][key], f"{path.name}: {key} repeats the default"
+
+
+def test_trainer_presets_inherit_and_base_presets_are_not_overridden():
+    ddp = compose_cfg(["trainer=ddp_cpu"]).trainer
+    assert (ddp.accelerator, ddp.devices, ddp.strategy) == ("cpu", 2, "ddp")
+    gpu = compose_cfg(["trainer=gpu"]).trainer
+    assert (gpu.accelerator, gpu.precision, gpu.max_steps) == ("gpu", "bf16-mixed", 10000)
+    assert gpu.accumulate_grad_batches == 1 and gpu.gradient_clip_val == 1.0  # schema defaults
+    sd15 = compose_cfg(["base=sd15"])
+    assert sd15.data.batch_size == 4 and sd15.sampling.guidance_scale == 7.5  # the preset's own
+    assert compose_cfg().eval.fid_feature == "clip"  # base/tiny.yaml's

@@ -29,7 +29,7 @@ def test_zero_connectors_make_step0_exactly_the_base(tiny_cfg, tiny_base, tiny_d
     t = torch.tensor([10, 300, 600, 999])
     text = module.encode_prompts(batch["caption"])
     with torch.no_grad():
-        controlled = module.controlled_unet(noisy, t, text, batch["condition"])
+        controlled = module.controlled_prediction(noisy, t, text, batch["condition"])
         plain = tiny_base.unet(noisy, t, encoder_hidden_states=text).sample
     assert torch.equal(controlled, plain)
 

@@ -79,5 +79,3 @@ def test_fidelity_kind_follows_the_annotator():
     assert fidelity_kind("ssim", "canny") == "ssim"
     with pytest.raises(CnexpError, match="data.annotator"):
         fidelity_kind("f1", None)
-    with pytest.raises(CnexpError, match="eval.fidelity"):
-        fidelity_kind("psnr", "canny")

@@ -130,9 +130,10 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
     out, log_path = tmp_path / "run", tmp_path / "log.txt"
     with log_path.open("w") as log:
         proc = start(out, data, "trainer.max_steps=100000", log=log)
-        wait_for(proc, lambda: "Trainable params" in log_path.read_text(), "training")
-        proc.send_signal(signal.SIGINT)
-        proc.send_signal(signal.SIGINT)
+        wait_for(proc, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
+        proc.send_signal(signal.SIGINT)  # the step finishes ...
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)  # ... unless the user insists
         proc.wait(timeout=120)
     assert proc.returncode == 130, log_path.read_text()[-2000:]
     state = json.loads((out / "status.json").read_text())
@@ -202,3 +203,21 @@ def test_two_first_runs_at_once_share_fresh_caches(tmp_path):
     assert finals[0] == pytest.approx(finals[1], rel=1e-5)  # same data, same statistics
     assert len(list((cache / "fid_reference").glob("*.pt"))) == 1
     assert not list(data.rglob("*.tmp"))
+
+
+@pytest.mark.slow
+def test_under_ddp_every_rank_stops_at_the_same_step(tmp_path, straight):
+    """SIGTERM reaches rank zero only: the other rank learns of it at the step's end and both
+    stop there (no rank left waiting in an all-reduce), then the run resumes."""
+    _, data = straight
+    out = tmp_path / "run"
+    proc = start(out, data, "trainer=ddp_cpu", "trainer.max_steps=100000", "eval.enabled=false")
+    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, 143)
+    state = json.loads((out / "status.json").read_text())
+    assert state["status"] == "preempted" and state["step"] >= 4
+    assert torch.load(state["checkpoint"], weights_only=False)["global_step"] == state["step"]
+    finish(start(out, data, "trainer=ddp_cpu", f"trainer.max_steps={state['step'] + 2}",
+                 "eval.enabled=false", "ckpt_path=auto"))
+    assert json.loads((out / "metrics.json").read_text())["resumed_at"] == [state["step"]]

@@ -29,7 +29,7 @@ def base_damage(module, batch: dict, max_samples: int = 8, seed: int = 0) -> flo
     t = torch.linspace(0, steps - 1, n, device=device).long()
     noisy = module.noise_scheduler.add_noise(latents, noise, t)
     text = module.encode_prompts(list(batch["caption"][:n]))
-    controlled = module.controlled_unet(noisy, t, text, condition)
+    controlled = module.controlled_prediction(noisy, t, text, condition)
     base = module.unet(noisy, t, encoder_hidden_states=text).sample
     return torch.mean((controlled.float() - base.float()) ** 2).item()
 

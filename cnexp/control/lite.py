@@ -27,6 +27,9 @@ from diffusers.models.controlnets.controlnet import (ControlNetConditioningEmbed
                                                      ControlNetOutput)
 from torch import nn
 
+from cnexp.control.branch import register
+from cnexp.control.residual import ResidualBranch
+
 
 def residual_layout(unet: UNet2DConditionModel) -> tuple[list[int], list[int]]:
     """Channels and strides of the UNet's skip connections, in the order ControlNetModel
@@ -95,3 +98,14 @@ class ControlNetLite(ModelMixin, ConfigMixin):
         if not return_dict:
             return down, mid
         return ControlNetOutput(down_block_res_samples=down, mid_block_res_sample=mid)
+
+
+@register
+class LiteBranch(ResidualBranch):
+    name = "lite"
+    model_class = ControlNetLite
+
+    def build(self, unet, cfg) -> ControlNetLite:
+        return ControlNetLite.from_unet(
+            unet, conditioning_channels=cfg.conditioning_channels,
+            conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))

@@ -13,11 +13,56 @@ Two adaptations make it a fair arm of the comparison:
 from __future__ import annotations
 
 import torch
-from diffusers import ControlNetXSAdapter, UNet2DConditionModel, UNetControlNetXSModel
+from diffusers import (ControlNetXSAdapter, StableDiffusionControlNetXSPipeline,
+                       UNet2DConditionModel, UNetControlNetXSModel)
+from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 from cnexp.config import ControlConfig
-from cnexp.validate import ConfigError
+from cnexp.control.branch import Branch, register
+from cnexp.errors import ConfigError
+
+
+@register
+class XSBranch(Branch):
+    """Base and control run as one fused model (the pipeline's UNet); no residuals."""
+    name = "xs"
+    model_class = UNetControlNetXSModel
+    warned = False  # diffusers' deprecation warning of the XS pipeline was shown
+
+    def build(self, unet, cfg) -> UNetControlNetXSModel:
+        return build_xs(unet, cfg)
+
+    def connectors(self, control: nn.Module) -> list[nn.Conv2d]:
+        """Every control->base conv (control_to_base_for_conv_in, *.ctrl_to_base); the
+        base->control convs keep diffusers' zero init."""
+        return [m for name, m in control.named_modules() if isinstance(m, nn.Conv2d)
+                and ("ctrl_to_base" in name or "control_to_base" in name)]
+
+    def down_connectors(self, control: nn.Module) -> list[nn.Conv2d]:
+        raise ConfigError("control.branch=xs has no skip-connection residuals")  # see check()
+
+    def predict(self, unet, control, noisy, t, text, condition, conditioning_scale=1.0):
+        return control(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
+                       conditioning_scale=conditioning_scale, return_dict=False)[0]
+
+    def pipeline(self, unet, control, **parts) -> StableDiffusionControlNetXSPipeline:
+        """diffusers' XS pipeline with the fused model as its UNet. diffusers warns at every
+        construction that this pipeline is deprecated; once will do."""
+        verbosity = diffusers_logging.get_verbosity()
+        if self.warned:
+            diffusers_logging.set_verbosity_error()
+        try:
+            return StableDiffusionControlNetXSPipeline(unet=control, controlnet=None, **parts)
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+            XSBranch.warned = True
+
+    def check(self, cfg: ControlConfig) -> None:
+        if cfg.only_mid_control or not cfg.sd_locked:
+            raise ConfigError("control.branch=xs has no residuals and holds its own copy of the "
+                              "base, so control.only_mid_control=true and control.sd_locked=false "
+                              "do not apply to it; use control.branch=copy|lite|scratch")
 
 
 def build_xs(unet: UNet2DConditionModel, cfg: ControlConfig) -> UNetControlNetXSModel:
@@ -30,8 +75,6 @@ def build_xs(unet: UNet2DConditionModel, cfg: ControlConfig) -> UNetControlNetXS
     if unet.config.layers_per_block not in (1, 2):
         raise ConfigError(f"control.branch=xs supports bases with 1 or 2 layers per block; this "
                           f"base has layers_per_block={unet.config.layers_per_block}")
-    if not 0 < cfg.xs_size_ratio <= 1:
-        raise ConfigError(f"control.xs_size_ratio is {cfg.xs_size_ratio}; use a value in (0, 1]")
     base = unet if unet.config.layers_per_block == 2 else expand_to_two_layers(unet)
     adapter = ControlNetXSAdapter.from_unet(
         base, size_ratio=cfg.xs_size_ratio, conditioning_channels=cfg.conditioning_channels,

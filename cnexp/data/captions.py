@@ -12,7 +12,8 @@ import csv
 import json
 from pathlib import Path
 
-from cnexp.data.images import IMAGE_SUFFIXES, DataError, Sample, caption_list, open_rgb
+from cnexp.data.images import (IMAGE_SUFFIXES, DataError, Sample, caption_list, open_rgb,
+                               path_in_root)
 
 
 def _check_column(record: dict, column: str, where: str) -> None:
@@ -37,6 +38,7 @@ def _read_jsonl(path: Path, column: str) -> list[tuple[str, list[str], str]]:
             raise DataError(f"{where} lacks key 'file_name': each line names its image file")
         _check_column(record, column, where)
         captions = caption_list(record[column], where, f"column '{column}'")
+        path_in_root(path.parent, record["file_name"], where, "'file_name'")
         entries.append((record["file_name"], captions, where))
     return entries
 
@@ -51,6 +53,7 @@ def _read_csv(path: Path, column: str) -> list[tuple[str, list[str], str]]:
             raise DataError(f"{where} has no 'file_name': the header must name a file_name "
                             f"column (it has {list(row)})")
         _check_column(row, column, where)
+        path_in_root(path.parent, row["file_name"], where, "'file_name'")
         entries.append((row["file_name"], [row[column] or ""], where))
     return entries
 
@@ -92,3 +95,6 @@ class CaptionsSource:
     def load(self, index: int) -> Sample:
         file_name, captions, where = self.entries[index]
         return Sample(open_rgb(self.root / file_name, origin=where), None, captions, where)
+
+    def captions(self, index: int) -> list[str]:
+        return self.entries[index][1]

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader
 
 from cnexp.config import DataConfig
@@ -18,12 +19,13 @@ from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
 from cnexp.data.resumable import ResumableShuffleSampler
+from cnexp.knobs import Layout
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
 log = logging.getLogger("cnexp")
 
 SPLITS = ("train", "val", "test")
-LAYOUTS = ("fill50k", "hf", "captions")
+LAYOUTS = tuple(Layout)  # data.layout's choices
 SHOWN_BAD = 5  # skipped samples listed in the log
 
 
@@ -68,10 +70,14 @@ def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
 
 
 class TriplesDataModule(L.LightningDataModule):
-    def __init__(self, cfg: DataConfig, seed: int = 0):
+    def __init__(self, cfg: DataConfig, seed: int = 0, tokenizer=None,
+                 prompts: tuple[str, ...] = ()):
+        """tokenizer: the base's; given, setup warns once about captions (and `prompts`, the
+        evaluation's own) it cannot carry whole (cnexp/data/caption_check.py)."""
         super().__init__()
         self.cfg = cfg
         self.seed = seed  # shuffling and random captions/crops; the split uses cfg.split_seed
+        self.tokenizer, self.prompts = tokenizer, tuple(prompts)
         self.datasets: dict[str, TriplesDataset] = {}
         self.conditions: ConditionCache | None = None
 
@@ -95,8 +101,6 @@ class TriplesDataModule(L.LightningDataModule):
         if self.datasets:
             return
         cfg = self.cfg
-        if cfg.crop not in ("center", "random"):
-            raise DataError(f"data.crop='{cfg.crop}' is unknown: use center or random")
         sources = open_sources(cfg, cfg.cache_dir)
         self.conditions = self._condition_cache()  # fails here, before training, if unusable
         indices = {s: list(range(len(src))) for s, src in sources.items()}
@@ -105,6 +109,8 @@ class TriplesDataModule(L.LightningDataModule):
             cut = split_indices(len(sources["train"]), cfg.split_seed,
                                 cfg.val_fraction if "val" in missing else 0.0,
                                 cfg.test_fraction if "test" in missing else 0.0)
+            if not cut["train"]:
+                self._too_small(len(sources["train"]), missing)
             indices["train"] = cut["train"]
             for split in missing:
                 sources[split], indices[split] = sources["train"], cut[split]
@@ -115,6 +121,33 @@ class TriplesDataModule(L.LightningDataModule):
             self.datasets[split] = self._checked(dataset, split)
         if self.conditions is not None:
             log.info("data: %s", self.conditions.summary())
+        if self.tokenizer is not None:
+            self._check_captions()
+
+    def _too_small(self, n: int, missing: list[str]) -> None:
+        cuts = " and a ".join("validation" if s == "val" else s for s in missing)
+        fix = "add samples"
+        if "test" in missing:
+            k = len(missing)
+            fix += f", or set data.test_fraction=0 (then {k} {'is' if k == 1 else 'are'} enough)"
+        raise DataError(f"data.root '{self.cfg.root}' holds {n} sample{'s' * (n != 1)}: too few "
+                        f"to cut a {cuts} split from (data.val_fraction, data.test_fraction: at "
+                        "least one sample each) and keep one for training; it needs at least "
+                        f"{len(missing) + 1} (one per split): {fix}")
+
+    def _check_captions(self) -> None:
+        """Every caption of every split, read once (no image decoded), checked against the
+        base's tokenizer; each problem is one warning with counts and examples."""
+        from cnexp.data.caption_check import caption_warnings
+
+        seen, captions = set(), list(self.prompts)
+        for dataset in self.datasets.values():
+            for index in dataset.indices:
+                if (id(dataset.source), index) not in seen:  # splits cut from one source
+                    seen.add((id(dataset.source), index))
+                    captions += dataset.source.captions(index)
+        for message in caption_warnings(self.tokenizer, captions):
+            rank_zero_only(log.warning)("%s", message)
 
     def _checked(self, dataset: TriplesDataset, split: str) -> TriplesDataset:
         """Scan the split when asked to (skip_bad_samples, or conditions to precompute)."""

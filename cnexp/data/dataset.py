@@ -20,6 +20,8 @@ class Source(Protocol):
 
     def load(self, index: int) -> Sample: ...
 
+    def captions(self, index: int) -> list[str]: ...  # without decoding the images
+
 
 class TriplesDataset(Dataset):
     """Items {"condition": (3, R, R) in [0, 1], "image": (3, R, R) in [-1, 1], "caption": str,

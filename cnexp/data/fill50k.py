@@ -10,12 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
-
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import DataError, Sample, caption_list, open_rgb, resize_shorter
+from cnexp.data.images import DataError, Sample, caption_list, open_rgb, path_in_root
 
-__all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "load_rgb", "read_index"]
+__all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
 REQUIRED_KEYS = ("source", "target", "prompt")
 
@@ -52,6 +50,8 @@ def read_numbered_index(root: Path, need_source: bool = True) -> list[tuple[int,
         if missing:
             raise DataError(f"{index}:{number} lacks key(s) {missing}: each line needs "
                             f"{list(required)}")
+        for key in ("source", "target") if need_source else ("target",):
+            path_in_root(index.parent, record[key], f"{index}:{number}", f"'{key}'")
         records.append((number, record))
     if not records:
         raise DataError(f"{index} holds no samples: add one JSON object per line")
@@ -61,13 +61,6 @@ def read_numbered_index(root: Path, need_source: bool = True) -> list[tuple[int,
 def read_index(root: Path) -> list[dict]:
     """The records of root/prompt.json, in file order."""
     return [record for _, record in read_numbered_index(root)]
-
-
-def load_rgb(path: Path, resolution: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3): shorter side resized to resolution, then center-cropped."""
-    image = resize_shorter(open_rgb(path, origin=str(path)), resolution)
-    top, left = (image.shape[0] - resolution) // 2, (image.shape[1] - resolution) // 2
-    return image[top:top + resolution, left:left + resolution].copy()
 
 
 class Fill50kSource:
@@ -84,9 +77,13 @@ class Fill50kSource:
         number, record = self.records[index]
         where = f"{self.root / 'prompt.json'}:{number}"
         image = open_rgb(self.root / record["target"], origin=f"'target' of {where}")
-        condition = (open_rgb(self.root / record["source"], origin=f"'source' of {where}")
-                     if self.with_condition else None)
-        return Sample(image, condition, caption_list(record["prompt"], where, "'prompt'"), where)
+        condition = (open_rgb(self.root / record["source"], origin=f"'source' of {where}",
+                              condition=True) if self.with_condition else None)
+        return Sample(image, condition, self.captions(index), where)
+
+    def captions(self, index: int) -> list[str]:
+        number, record = self.records[index]
+        return caption_list(record["prompt"], f"{self.root / 'prompt.json'}:{number}", "'prompt'")
 
 
 class Fill50kDataset(TriplesDataset):

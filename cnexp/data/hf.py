@@ -12,7 +12,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnexp.data.images import DataError, Sample, open_rgb
+from cnexp.data.images import DataError, Sample, open_rgb, path_in_root, to_rgb
 
 log = logging.getLogger("cnexp")
 
@@ -107,21 +107,28 @@ class HFSource:
                 table = table.cast_column(column, datasets.Image(decode=False))
         self.table = table.select_columns([c for c in self.columns if c])
         self.base = Path(root) if Path(root).is_dir() else Path(root).parent
+        self._captions: list | None = None
 
     def __len__(self) -> int:
         return len(self.table)
 
-    def _image(self, value, where: str) -> Image.Image:
+    def _image(self, value, where: str, condition: bool = False) -> Image.Image:
         if isinstance(value, Image.Image):
-            return value.convert("RGB")
+            return to_rgb(value, where, condition)
         if isinstance(value, dict) and value.get("bytes"):
-            return open_rgb(value["bytes"], where)
-        if isinstance(value, dict) and value.get("path"):
-            return open_rgb(self.base / value["path"], where)
-        if isinstance(value, str):
-            return open_rgb(self.base / value, where)
+            return open_rgb(value["bytes"], where, condition)
+        path = value.get("path") if isinstance(value, dict) else value
+        if isinstance(path, str) and path:
+            return open_rgb(self._path(path, where), where, condition)
         raise DataError(f"{where} holds {type(value).__name__}, not an image (bytes, path or "
                         "PIL image): pick an image column")
+
+    def _path(self, path: str, where: str) -> Path:
+        """A path in a local data set must stay inside it (a hub data set's rows point into
+        the datasets cache, wherever that is)."""
+        if Path(self.root).exists():
+            return path_in_root(self.base, path, where, "the image path")
+        return self.base / path
 
     def load(self, index: int) -> Sample:
         image_column, conditioning_column, caption_column = self.columns
@@ -129,8 +136,17 @@ class HFSource:
         where = f"'{self.root}' split {self.split} row {index}"
         image = self._image(row[image_column], f"{where} column '{image_column}'")
         condition = (self._image(row[conditioning_column], f"{where} column "
-                                 f"'{conditioning_column}'") if conditioning_column else None)
-        text = row[caption_column]
-        captions = ([text] if isinstance(text, str) else
-                    [c for c in text if isinstance(c, str)] if isinstance(text, list) else [""])
-        return Sample(image, condition, captions or [""], where)
+                                 f"'{conditioning_column}'", condition=True)
+                     if conditioning_column else None)
+        return Sample(image, condition, _captions(row[caption_column]), where)
+
+    def captions(self, index: int) -> list[str]:
+        if self._captions is None:  # the caption column alone, without decoding any image
+            self._captions = list(self.table[self.columns[2]])
+        return _captions(self._captions[index])
+
+
+def _captions(text) -> list[str]:
+    captions = ([text] if isinstance(text, str) else
+                [c for c in text if isinstance(c, str)] if isinstance(text, list) else [])
+    return captions or [""]

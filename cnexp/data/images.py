@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from cnexp.errors import CnexpError
 
@@ -32,19 +33,75 @@ class Sample:
     origin: str = ""
 
 
-def open_rgb(source: str | Path | bytes, origin: str) -> Image.Image:
-    """Decode a path or encoded bytes to RGB (grey, palette and RGBA converted)."""
+def open_rgb(source: str | Path | bytes, origin: str, condition: bool = False) -> Image.Image:
+    """Decode a path or encoded bytes to RGB as a viewer shows it (see to_rgb)."""
+    what = "image bytes" if isinstance(source, bytes) else f"image file {source}"
     try:
         with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
-            return img.convert("RGB")
+            return to_rgb(img, f"{what} ({origin})", condition)
     except FileNotFoundError:
-        raise UnreadableImage(f"image file {source} is missing ({origin}): restore the file "
-                              "or fix the entry that names it") from None
+        raise UnreadableImage(f"{what} is missing ({origin}): restore the file or fix the "
+                              "entry that names it") from None
     except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
-        name = "image bytes are" if isinstance(source, bytes) else f"image file {source} is"
-        raise UnreadableImage(f"{name} corrupt or not an image ({origin}; {err}): replace "
-                              "it, or set data.skip_bad_samples=true to leave such samples "
-                              "out") from None
+        verb = "are" if isinstance(source, bytes) else "is"
+        raise UnreadableImage(f"{what} {verb} corrupt or not an image ({origin}; {err}): "
+                              "replace it, or set data.skip_bad_samples=true to leave such "
+                              "samples out") from None
+
+
+# Pillow's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit PNG turns white) and
+# reads floats as 0..255: the modes below are scaled explicitly, each by its fixed range.
+SIXTEEN_BIT = 65535
+
+
+def _grey_to_l(img: Image.Image, name: str) -> Image.Image:
+    values = np.asarray(img)
+    if img.mode == "F":
+        low, high = float(values.min()), float(values.max())
+        if low < 0 or high > 1:
+            raise DataError(f"{name} is a float image with values in [{low:g}, {high:g}]; cnexp "
+                            "reads float images as 0..1 (black..white) and cannot know this "
+                            "one's range: save it as an 8- or 16-bit PNG")
+        return Image.fromarray(np.round(values * 255).astype(np.uint8))
+    # I;16* is 16-bit by its mode; I (32-bit) is read as 16-bit, as Pillow < 10 opened 16-bit PNGs
+    values = values.astype(np.int64)
+    if img.mode == "I" and (values.min() < 0 or values.max() > SIXTEEN_BIT):
+        raise DataError(f"{name} is a 32-bit integer image with integer values up to "
+                        f"{values.max()} (from {values.min()}), outside 0..65535 (16-bit), the "
+                        "range cnexp reads it in: save it as an 8- or 16-bit PNG")
+    return Image.fromarray(((values * 255 + SIXTEEN_BIT // 2) // SIXTEEN_BIT).astype(np.uint8))
+
+
+def to_rgb(img: Image.Image, name: str, condition: bool = False) -> Image.Image:
+    """RGB as a viewer shows `img`: EXIF orientation applied, 16-bit/32-bit/float grey scaled to
+    8 bits, and fully transparent pixels (whose stored colour is arbitrary) set to the role's
+    background: white for an image, black (ControlNet's convention) for a condition. Partly
+    transparent pixels keep their colour. `name` says which file, for errors."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
+        img = _grey_to_l(img, name)
+    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
+    if not has_alpha:
+        return img.convert("RGB")
+    rgba = np.array(img.convert("RGBA"))
+    rgba[rgba[..., 3] == 0, :3] = 0 if condition else 255
+    return Image.fromarray(rgba[..., :3])
+
+
+def path_in_root(root: Path, value, where: str, field: str) -> Path:
+    """root/value, refused when it leaves root: a `../other/x.png` in an index would read
+    another data set's (or split's) file. Decided on the path as written (normalised, links not
+    resolved), so a symlink inside the root may point anywhere: placing it is deliberate."""
+    if not isinstance(value, str) or not value:
+        raise DataError(f"{where}: {field} must be a file path (a non-empty string), got "
+                        f"{value!r}")
+    base = os.path.normpath(os.path.abspath(root))
+    path = os.path.normpath(os.path.join(base, value))
+    if os.path.commonpath([base, path]) != base:
+        raise DataError(f"{where}: {field} '{value}' is outside data.root '{root}': paths in a "
+                        "data set's index must name files under its root; copy or link the "
+                        "file into the root, or point data.root at a folder holding both")
+    return Path(path)
 
 
 def match_sizes(image: Image.Image, condition: Image.Image, origin: str) -> Image.Image:

@@ -1,0 +1,122 @@
+"""The types that cnexp/config.py's fields declare: choices and ranges, each in one place.
+
+Choices are Enums: OmegaConf checks an Enum field when a YAML file or an override sets it, so
+`control.branch=lit` fails at composition with the knob's name and the list of its choices. Each
+member's name is its value and the Enums subclass str, so `cfg.control.branch == "copy"`, f-strings,
+JSON and the YAML of recorded configs all see the plain string.
+
+Ranges are field metadata (`field(default=..., metadata=PROBABILITY)`); cnexp/validate.py walks
+the schema and applies them to the composed config.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Union
+
+
+class Choice(str, Enum):
+    """A knob's choices; a member prints, formats and compares as its plain string."""
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
+
+
+class Branch(Choice):
+    """control.branch: the trainable network (cnexp/control/: one module per branch)."""
+    copy = "copy"  # ControlNetModel.from_unet: trainable copy of the encoder (paper)
+    scratch = "scratch"  # the copy's architecture, randomly initialised
+    lite = "lite"  # one conv per encoder block (paper's ControlNet-lite)
+    xs = "xs"  # diffusers' ControlNet-XS, fused with a frozen copy of the base
+
+
+class ConnectorInit(Choice):
+    """control.connector_init: how the connectors start (cnexp/control/connectors.py)."""
+    zero = "zero"  # the paper's zero convolutions
+    gaussian = "gaussian"  # N(0, control.gaussian_std^2), the paper's "no zero convolution"
+    kaiming = "kaiming"
+    xavier = "xavier"
+    default = "default"  # PyTorch's own conv init (biases too)
+
+
+class InitScope(Choice):
+    """control.init_scope: which convs connector_init sets."""
+    connectors = "connectors"
+    connectors_and_hint = "connectors_and_hint"  # also the condition embedding's last conv
+
+
+class Layout(Choice):
+    """data.layout: how the triples are stored (cnexp/data/)."""
+    fill50k = "fill50k"
+    hf = "hf"
+    captions = "captions"
+
+
+class Crop(Choice):
+    center = "center"
+    random = "random"  # training split only, seeded
+
+
+class Scheduler(Choice):
+    """sampling.scheduler: the evaluation sampler (diffusers' scheduler of that name)."""
+    ddim = "ddim"
+    unipc = "unipc"
+    dpmsolver = "dpmsolver"  # DPM-Solver++ multistep
+
+
+class PromptSetting(Choice):
+    """eval.prompt_settings: the paper's four prompt settings (cnexp/metrics/prompts.py)."""
+    none = "none"
+    insufficient = "insufficient"
+    conflicting = "conflicting"
+    perfect = "perfect"
+
+
+class Fidelity(Choice):
+    """eval.fidelity: how control fidelity is scored (cnexp/metrics/fidelity.py)."""
+    auto = "auto"  # from data.annotator
+    outline = "outline"
+    f1 = "f1"
+    ssim = "ssim"
+    rmse = "rmse"
+    miou = "miou"
+
+
+class OnNonFinite(Choice):
+    """trainer.on_nonfinite: what a NaN/inf loss or gradient does."""
+    stop = "stop"
+    skip = "skip"
+
+
+class LoggerMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass(frozen=True)
+class Range:
+    """A range a field's value must lie in; `why` says what a valid value is (a string, or a
+    function of the bad value)."""
+    ok: Callable[[Any], bool]
+    why: Union[str, Callable[[Any], str]]
+
+    def reason(self, value: Any) -> str:
+        return self.why(value) if callable(self.why) else self.why
+
+
+def in_range(ok: Callable[[Any], bool], why: Union[str, Callable[[Any], str]]) -> dict:
+    """Field metadata: `field(default=..., metadata=in_range(lambda v: v > 0, "must be > 0"))`."""
+    return {"range": Range(ok, why)}
+
+
+POSITIVE = in_range(lambda v: v > 0, "must be > 0")
+NON_NEGATIVE = in_range(lambda v: v >= 0, "must be >= 0 (0: off)")
+PROBABILITY = in_range(lambda v: 0 <= v <= 1, "it is a probability, use a value in [0, 1]")
+LEARNING_RATE = in_range(lambda v: v > 0, "the learning rate must be > 0")
+MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; Lightning's seed_everything warns past it
+SEED = in_range(lambda v: 0 <= v <= MAX_SEED, f"seeds must be in [0, {MAX_SEED}] (the range "
+                "numpy and seed_everything accept)")
