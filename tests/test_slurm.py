@@ -103,6 +103,12 @@ class Sweep:
         return f"stdout:\n{(self.out or '')[-3000:]}\nstderr:\n{(self.err or '')[-4000:]}"
 
 
+def job_dirs(sweep_dir: Path) -> dict[int, Path]:
+    """Run directories by Hydra job number (<n>_<ablation>-s<seed>[_<swept knobs>])."""
+    return {int(d.name.split("_")[0]): d for d in sweep_dir.iterdir()
+            if d.is_dir() and d.name.split("_")[0].isdigit()}
+
+
 @pytest.fixture(scope="module")
 def sweeps(cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm-sweeps")
@@ -112,7 +118,7 @@ def sweeps(cluster, tmp_path_factory):
     ddp = Sweep(root / "ddp", [*common, "trainer=ddp_cpu", "hydra.launcher.tasks_per_node=2",
                                "logger.name=ddp"])
     try:
-        preempted = preempt_after_first_checkpoint(main, cluster, main.dir / "3_baseline-s0")
+        preempted = preempt_after_first_checkpoint(main, cluster, 3)
         yield {"main": main, "ddp": ddp, "preempted": preempted}
     finally:
         for sweep in (main, ddp):
@@ -121,10 +127,9 @@ def sweeps(cluster, tmp_path_factory):
                 sweep.proc.wait()
 
 
-def preempt_after_first_checkpoint(sweep: Sweep, cluster: LocalSlurm, job_dir: Path) -> str:
+def preempt_after_first_checkpoint(sweep: Sweep, cluster: LocalSlurm, index: int) -> str:
     """Send SIGUSR2 (submitit's pre-emption/time-limit signal, as `sbatch --signal` delivers it)
-    to the SLURM job training in job_dir once it has saved a checkpoint; returns its array id."""
-    index = job_dir.name.split("_")[0]  # the Hydra job number is the array index
+    to job `index` of the sweep once it has saved a checkpoint; returns its SLURM id."""
     deadline = time.monotonic() + SWEEP_TIMEOUT_S
 
     def pending(task: str) -> bool:  # any task of the array still waiting to start
@@ -137,9 +142,11 @@ def preempt_after_first_checkpoint(sweep: Sweep, cluster: LocalSlurm, job_dir: P
     while task is None or pending(task):
         if sweep.proc.poll() is not None or time.monotonic() > deadline:
             sweep.finish()
-            pytest.fail(f"{job_dir.name} never saved a checkpoint\n{sweep.tail()}")
+            pytest.fail(f"job {index} never saved a checkpoint\n{sweep.tail()}")
         time.sleep(0.5)
-        if (job_dir / "checkpoints" / "last.ckpt").exists():
+        job_dir = job_dirs(sweep.dir).get(index) if sweep.dir.exists() else None
+        if job_dir and (job_dir / "checkpoints" / "last.ckpt").exists():
+            # the Hydra job number is the array index
             (folder,) = [d for d in (sweep.dir / ".submitit").glob(f"*_{index}") if d.is_dir()]
             task = folder.name
     cluster.run("scancel", "--signal=USR2", task)
@@ -149,16 +156,16 @@ def preempt_after_first_checkpoint(sweep: Sweep, cluster: LocalSlurm, job_dir: P
 def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
     main = sweeps["main"].finish()
     assert main.proc.returncode == 1, main.tail()  # failed jobs -> non-zero, after all finished
-    jobs = {d.name: d for d in main.dir.iterdir() if d.is_dir() and not d.name.startswith(".")}
-    assert sorted(jobs) == ["0_baseline-s0", "1_baseline-s0", "2_baseline-s0", "3_baseline-s0"]
+    jobs = job_dirs(main.dir)
+    assert sorted(jobs) == [0, 1, 2, 3]
     records = {r.name: r for r in load_sweep(main.dir)}
-    assert [records[name].status for name in sorted(jobs)] == [FAILED, FAILED, OK, OK]
-    assert "optim.lr" in records["0_baseline-s0"].error
-    for name in ("0_baseline-s0", "1_baseline-s0"):
-        assert f"failed: {name}" in main.log  # the sweep summary names them
-    for name in ("2_baseline-s0", "3_baseline-s0"):
-        assert (jobs[name] / "controlnet" / "config.json").exists()
-        assert records[name].history and records[name].history[-1]["step"] == STEPS
+    assert [records[jobs[n].name].status for n in range(4)] == [FAILED, FAILED, OK, OK]
+    for n in (0, 1):
+        assert "optim.lr" in records[jobs[n].name].error
+        assert f"failed: {jobs[n].name}" in main.log  # the sweep summary names them
+    for n in (2, 3):
+        assert (jobs[n] / "controlnet" / "config.json").exists()
+        assert records[jobs[n].name].history[-1]["step"] == STEPS
 
     # they ran as SLURM jobs: submitit's files and logs under .submitit/<array>_<index>/
     logs = sorted((main.dir / ".submitit").glob("*_*/*_0_log.out"))
@@ -178,7 +185,7 @@ def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
 
 def test_preempted_job_is_requeued_and_matches_an_uninterrupted_one(sweeps, cluster):
     main, job_id = sweeps["main"].finish(), sweeps["preempted"]
-    reference, preempted = main.dir / "2_baseline-s0", main.dir / "3_baseline-s0"
+    reference, preempted = job_dirs(main.dir)[2], job_dirs(main.dir)[3]
     log = "".join(p.read_text() for p in (main.dir / ".submitit" / job_id).glob("*_log.*"))
     # cnexp stopped at a step end and saved; submitit's handler (called after) requeued the job
     assert "SIGUSR2 received: finishing this step" in log, log[-3000:]
@@ -195,7 +202,7 @@ def test_preempted_job_is_requeued_and_matches_an_uninterrupted_one(sweeps, clus
 def test_two_task_ddp_job_through_slurm_matches_one_process(sweeps, cluster):
     ddp, main = sweeps["ddp"].finish(), sweeps["main"].finish()
     assert ddp.proc.returncode == 0, ddp.tail()
-    (ddp_dir,) = [d for d in ddp.dir.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    (ddp_dir,) = job_dirs(ddp.dir).values()
     logs = sorted((ddp.dir / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 2, logs  # one log per SLURM task: two ranks
-    assert_ddp_matches_one_process(main.dir / "2_baseline-s0", ddp_dir, STEPS)
+    assert_ddp_matches_one_process(job_dirs(main.dir)[2], ddp_dir, STEPS)
