@@ -1,13 +1,15 @@
 """Training throughput: cnexp side by side with diffusers' examples/controlnet/train_controlnet.py.
 
     python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers compile,unfused,workers] [--default-run]
+    python -m cnexp.bench --sd 15 [--width 1.0] [--resolution 512] [--batch 8] ...   (bench_sd.py)
 
 Both trainers get the same tiny-world base, the same 256 training triples (64 px), batch size,
 fp32, AdamW (lr 1e-3), and the same ControlNet architecture. Each is run as a subprocess for
 `warmup` and for `warmup + steps` optimizer steps, alternately; the difference of the two wall
 times divided by `steps` is the steady-state step time (start-up, loading and the first steps
 cancel out). Peak RSS is the child's max resident set. Without --diffusers-src only cnexp's own
-variants are measured (with and without the frozen-encoder cache).
+variants are measured (with and without the frozen-encoder cache). The cache is on disk
+(cache.dir in the work directory): one short cnexp run fills it before the timed runs.
 """
 from __future__ import annotations
 
@@ -48,8 +50,9 @@ def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool, *extra: str) -> li
             f"data.root={data}", f"data.train_size={N_TRAIN}", "data.val_size=8",
             "data.test_size=8", f"data.batch_size={BATCH}", f"optim.lr={LR}",
             "optim.prompt_dropout=0.5", f"cache.latents={cache}", f"cache.text={cache}",
-            "eval.enabled=false", "export=false", "logger.mode=disabled",
-            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *extra]
+            f"cache.dir={data.parent / 'encoders'}", "eval.enabled=false", "export=false",
+            "logger.mode=disabled", "trainer.enable_progress_bar=false",
+            "trainer.log_every_n_steps=1", *extra]
 
 
 def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet: Path) -> list[str]:
@@ -63,7 +66,8 @@ def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet:
             "--max_grad_norm=1.0", "--adam_weight_decay=1e-2"]
 
 
-def prepare_peer_inputs(work: Path, data: Path) -> tuple[Path, Path]:
+def prepare_peer_inputs(work: Path, data: Path, bundle: Path = ROOT / "assets/tinyworld",
+                        channels: tuple = (16, 32, 64)) -> tuple[Path, Path]:
     """The same triples as parquet with diffusers' column names, and the same initial ControlNet."""
     import datasets
     from diffusers import ControlNetModel, UNet2DConditionModel
@@ -79,8 +83,8 @@ def prepare_peer_inputs(work: Path, data: Path) -> tuple[Path, Path]:
     parquet_dir = work / "parquet"
     parquet_dir.mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(parquet_dir / "train.parquet"))
-    unet = UNet2DConditionModel.from_pretrained(ROOT / "assets/tinyworld", subfolder="unet")
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(16, 32, 64))
+    unet = UNet2DConditionModel.from_pretrained(bundle, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     controlnet.save_pretrained(work / "controlnet_init")
     return parquet_dir, work / "controlnet_init"
 
@@ -121,13 +125,32 @@ def main() -> None:
     parser.add_argument("--default-run", action="store_true",
                         help="also run the default experiment (python run.py) and report its "
                              "wall time, evaluation share and peak RSS")
+    sd = parser.add_argument_group("SD-shaped mode (random weights; bench_sd.py)")
+    sd.add_argument("--sd", choices=["15", "21"], help="SD 1.5- or 2.1-shaped bundle")
+    sd.add_argument("--width", type=float, default=1.0,
+                    help="channel scale (1.0: the published sizes; e.g. 0.05 for a CPU smoke run)")
+    sd.add_argument("--resolution", type=int, help="pixels (default: the base's, 512 / 768)")
+    sd.add_argument("--batch", type=int, default=8, help="images per step")
+    sd.add_argument("--images", type=int, default=N_TRAIN, help="training triples")
     args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))
+    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    if args.diffusers_src:
+        script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
+        if not script.exists():
+            sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
+    if args.sd:
+        from cnexp.bench_sd import run_sd, write_json
+
+        rows, setup = run_sd(args, work, env)
+        if args.json:
+            write_json(args.json, rows, setup)
+        return
 
     from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
-    work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))
     data = ensure_tiny_dataset(work / "data", {"train": N_TRAIN, "val": 8, "test": 8})
-    env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
 
     def run_dir(tag):
         return run_directory(work, tag)
@@ -142,13 +165,11 @@ def main() -> None:
         name, knob = f"cnexp + {LEVERS[lever]}", LEVERS[lever]
         variants[name] = lambda n, tag, knob=knob: cnexp_cmd(n, run_dir(tag), data, True, knob)
     if args.diffusers_src:
-        script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
-        if not script.exists():
-            sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
         parquet_dir, controlnet = prepare_peer_inputs(work, data)
         variants["diffusers train_controlnet.py"] = lambda n, tag: peer_cmd(
             script, n, run_dir(tag), parquet_dir, controlnet)
 
+    _run(variants["cnexp"](1, "prime"), env)  # fills the disk cache the timed runs share
     results = []
     for rnd in range(args.rounds):  # alternate the trainers so drifts hit all of them alike
         for name, make in variants.items():

@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
+                         CacheStore, FrozenDtype,
                          ConnectorInit, Crop, Fidelity, InitScope, Layout, LoggerMode,
                          OnNonFinite, PromptSetting, Scheduler, in_range)
 
@@ -98,9 +99,13 @@ class DataConfig:
 
 @dataclass
 class CacheConfig:
-    """Reuse the frozen VAE's and text encoder's outputs across steps (see encode_cache.py)."""
-    latents: bool = True  # per-image posterior moments: ~8 KB/image at 64 px, 128 KB at 512 px
+    """Reuse the frozen VAE's and text encoder's outputs across steps (encode_cache.py, filled
+    once before training; docs/gpu.md). Per image at 512 px: 128 KB of latent moments (fp32)."""
+    latents: bool = True  # per-image posterior moments (needs data.crop=center)
     text: bool = True  # per-caption embeddings
+    store: CacheStore = CacheStore.disk
+    dir: Optional[str] = None  # where the disk store keeps its shards; None: <paths.cache>/encoders
+    fill_batch: int = field(default=64, metadata=POSITIVE)  # images per encoder call while filling (the fill's memory bound)
 
 
 @dataclass
@@ -156,6 +161,10 @@ class TrainerConfig:
     compile: bool = False  # torch.compile the training forward (base + control branch)
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for time
     tf32: bool = True  # TF32 matmuls on Ampere+ GPUs (no effect on CPU)
+    # dtype the frozen UNet, VAE and text encoder are stored in: auto (half per precision on a
+    # GPU: bf16-mixed -> bf16, 16-mixed -> fp16; fp32 otherwise) | fp32 | bf16 | fp16. What
+    # trains (ControlNet, an unlocked UNet decoder) keeps fp32 master weights.
+    frozen_dtype: FrozenDtype = FrozenDtype.auto
 
 
 @dataclass

@@ -67,6 +67,20 @@ class Scheduler(Choice):
     dpmsolver = "dpmsolver"  # DPM-Solver++ multistep
 
 
+class CacheStore(Choice):
+    """cache.store: where the frozen-encoder cache lives (cnexp/encode_store.py)."""
+    disk = "disk"  # memory-mapped shards under cache.dir, reused by later runs
+    memory = "memory"  # this process only
+
+
+class FrozenDtype(Choice):
+    """trainer.frozen_dtype: the dtype the frozen base is stored in (cnexp/precision.py)."""
+    auto = "auto"  # half per trainer.precision on a GPU, fp32 otherwise
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class PromptSetting(Choice):
     """eval.prompt_settings: the paper's four prompt settings (cnexp/metrics/prompts.py)."""
     none = "none"

@@ -58,11 +58,15 @@ class ControlNetModule(L.LightningModule):
         datamodule = getattr(self.trainer, "datamodule", None)
         train_set = getattr(datamodule, "datasets", {}).get("train")
         if train_set is not None:
-            self.cache.precompute(train_set, self._vae_moments, self._text_encoder, self.device)
+            progress = self.trainer.progress_bar_callback is not None and \
+                self.trainer.is_global_zero
+            self.cache.precompute(train_set, self._vae_moments, self._text_encoder, self.device,
+                                  progress=progress)
 
     @torch.no_grad()
     def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
-        dist = self.vae.encode(images).latent_dist
+        # the VAE may be stored in half precision (trainer.frozen_dtype), its input follows
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         return torch.cat([dist.mean, dist.std], dim=1)  # (B, 2C, h, w)
 
     @torch.no_grad()
@@ -70,7 +74,8 @@ class ControlNetModule(L.LightningModule):
                       indices: list[int] | None = None) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f), a fresh posterior sample
         (the same draw as `latent_dist.sample(generator)`), from cached moments when possible."""
-        mean, std = self.cache.moments(self._vae_moments, images, indices).chunk(2, dim=1)
+        moments = self.cache.moments(self._vae_moments, images, indices).float()
+        mean, std = moments.chunk(2, dim=1)  # fp32 latents, whatever dtype the VAE is stored in
         noise = self.draw(torch.randn, mean.shape, generator, dtype=mean.dtype)
         return (mean + std * noise) * self.vae.config.scaling_factor
 
@@ -82,7 +87,7 @@ class ControlNetModule(L.LightningModule):
         return self.text_encoder(ids)[0]  # (B, T, D)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
-        return self.cache.embeddings(self._text_encoder, prompts)
+        return self.cache.embeddings(self._text_encoder, prompts, self.device)
 
     # ---- the controlled model ---------------------------------------------------------------
     def controlled_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,

@@ -18,9 +18,11 @@ from cnexp.control import build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.encode_cache import FrozenEncoderCache
+from cnexp.encode_store import DiskEncoderCache, tokenizer_digest, weights_digest
 from cnexp.fileio import atomic_write
 from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
+from cnexp.precision import resolve_frozen_dtype, store_frozen
 from cnexp.progress import StepProgressBar
 from cnexp.record import RunMetrics, write_metrics
 from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
@@ -66,6 +68,18 @@ def apply_speed_options(trainer_cfg, base, controlnet) -> None:
                 model.enable_gradient_checkpointing()
 
 
+def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
+    """The frozen-encoder cache that cache.* asks for (docs/gpu.md)."""
+    kwargs = dict(latents=cache_cfg.latents, text=cache_cfg.text, fill_batch=cache_cfg.fill_batch)
+    if cache_cfg.store == "memory" or not (cache_cfg.latents or cache_cfg.text):
+        return FrozenEncoderCache(**kwargs)
+    # the base's part of the disk key: the encoders' weights (content, dtype) and tokenizer
+    base_key = {"vae": weights_digest(base.vae), "text_encoder": weights_digest(base.text_encoder),
+                "tokenizer": tokenizer_digest(base.tokenizer)}
+    root = cache_cfg.dir or str(Path(cache_root) / "encoders")
+    return DiskEncoderCache(root, base_key, **kwargs)
+
+
 def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     """The whole experiment. Returns (and writes to metrics.json) the run's summary.
     `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside run.py."""
@@ -83,7 +97,9 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     branch = get_branch(cfg.control.branch)
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
-    cache = FrozenEncoderCache(latents=cfg.cache.latents, text=cfg.cache.text)
+    store_frozen((base.unet, base.vae, base.text_encoder, controlnet),
+                 resolve_frozen_dtype(cfg.trainer))
+    cache = build_cache(cfg.cache, cfg.paths.cache, base)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile, branch=branch)
     # the tokenizer: setup warns once about captions it cannot carry whole

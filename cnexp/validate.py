@@ -35,8 +35,10 @@ def validate(cfg: DictConfig) -> None:
     if output_dir is not None:
         check_writable(output_dir, "paths.output_dir")
     from cnexp.control.branch import get_branch  # heavy (diffusers): only when a run starts
+    from cnexp.precision import resolve_frozen_dtype
 
     get_branch(cfg.control.branch).check(cfg.control)
+    resolve_frozen_dtype(cfg.trainer)  # an unknown dtype, or half without mixed precision
 
 
 def ranged_fields(cfg: Any, schema: type, prefix: str = ""):

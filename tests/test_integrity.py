@@ -34,6 +34,19 @@ def start(out, data, *extra, cache=None, log=None):
                             env={**os.environ, "WANDB_MODE": "disabled"})
 
 
+def start_until(out, data, step, *extra, log=None):
+    """A run started and trained past the checkpoint of `step`."""
+    proc = start(out, data, *extra, log=log)
+    wait_for(proc, lambda: list((out / "checkpoints").glob(f"*step={step}.ckpt")),
+             f"step {step}")
+    return proc
+
+
+def run_now(out, data, *extra):
+    return subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}", f"data.root={data}",
+                           *SMALL, *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def finish(proc, code=0):
     output = proc.communicate(timeout=900)[0] or ""
     assert proc.returncode == code, output[-3000:]
@@ -96,8 +109,7 @@ def test_a_signal_saves_says_so_exits_nonzero_and_resume_continues_the_record(
         tmp_path, straight, signum, status, code):
     reference, data = straight
     out = tmp_path / "run"
-    proc = start(out, data)
-    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=8*.ckpt")), "step 8")
+    proc = start_until(out, data, 8)
     proc.send_signal(signum)
     finish(proc, code)
     state = json.loads((out / "status.json").read_text())
@@ -116,8 +128,7 @@ def test_a_signal_saves_says_so_exits_nonzero_and_resume_continues_the_record(
 def test_sigkill_then_resume_gives_the_same_record_and_weights(tmp_path, straight):
     reference, data = straight
     out = tmp_path / "run"
-    proc = start(out, data)
-    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=12*.ckpt")), "step 12")
+    proc = start_until(out, data, 12)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     finish(start(out, data, "ckpt_path=auto"))  # what a requeued job runs
@@ -129,8 +140,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
     _, data = straight
     out, log_path = tmp_path / "run", tmp_path / "log.txt"
     with log_path.open("w") as log:
-        proc = start(out, data, "trainer.max_steps=100000", log=log)
-        wait_for(proc, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
+        proc = start_until(out, data, 4, "trainer.max_steps=100000", log=log)
         proc.send_signal(signal.SIGINT)  # the step finishes ...
         time.sleep(0.5)
         proc.send_signal(signal.SIGINT)  # ... unless the user insists
@@ -142,9 +152,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
 
 def test_ckpt_path_last_without_a_checkpoint_is_an_error_naming_the_directory(tmp_path):
     out = tmp_path / "run"
-    done = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}", "ckpt_path=last",
-                           f"data.root={tmp_path / 'data'}", *SMALL], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    done = run_now(out, tmp_path / "data", "ckpt_path=last")
     assert done.returncode == 2, done.stderr[-2000:]
     said = done.stdout + done.stderr
     assert f"no checkpoint to resume in {out / 'checkpoints'}" in said and "ckpt_path=auto" in said
@@ -167,20 +175,15 @@ def test_one_run_per_directory(tmp_path, straight):
     _, data = straight
     out, log_path = tmp_path / "run", tmp_path / "log.txt"
     with log_path.open("w") as log:
-        first = start(out, data, "trainer.max_steps=100000", log=log)
-        wait_for(first, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
-        second = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}",
-                                 f"data.root={data}", *SMALL], cwd=ROOT, capture_output=True,
-                                text=True, timeout=600)
+        first = start_until(out, data, 4, "trainer.max_steps=100000", log=log)
+        second = run_now(out, data)
         first.send_signal(signal.SIGTERM)
         first.wait(timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"run directory {out} is in use by another run (pid {first.pid}" in second.stderr
     assert json.loads((out / "status.json").read_text())["pid"] == first.pid  # untouched
     # the first run is gone: its directory holds a run, so a fresh start there is refused...
-    again = subprocess.run([sys.executable, "run.py", f"hydra.run.dir={out}",
-                            f"data.root={data}", *SMALL], cwd=ROOT, capture_output=True,
-                           text=True, timeout=600)
+    again = run_now(out, data)
     assert again.returncode == 2 and "already holds a run" in again.stderr
     # ... and a stale lock (a dead holder) is taken over with a warning
     (out / "run.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "then"}))
@@ -211,8 +214,8 @@ def test_under_ddp_every_rank_stops_at_the_same_step(tmp_path, straight):
     stop there (no rank left waiting in an all-reduce), then the run resumes."""
     _, data = straight
     out = tmp_path / "run"
-    proc = start(out, data, "trainer=ddp_cpu", "trainer.max_steps=100000", "eval.enabled=false")
-    wait_for(proc, lambda: list((out / "checkpoints").glob("*step=4*.ckpt")), "step 4")
+    proc = start_until(out, data, 4, "trainer=ddp_cpu", "trainer.max_steps=100000",
+                       "eval.enabled=false")
     proc.send_signal(signal.SIGTERM)
     finish(proc, 143)
     state = json.loads((out / "status.json").read_text())

@@ -10,6 +10,8 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from cnexp.precision import frozen_autocast
+
 METRIC = "eval/base_damage_step0"
 log = logging.getLogger("cnexp")
 
@@ -29,8 +31,9 @@ def base_damage(module, batch: dict, max_samples: int = 8, seed: int = 0) -> flo
     t = torch.linspace(0, steps - 1, n, device=device).long()
     noisy = module.noise_scheduler.add_noise(latents, noise, t)
     text = module.encode_prompts(list(batch["caption"][:n]))
-    controlled = module.controlled_prediction(noisy, t, text, condition)
-    base = module.unet(noisy, t, encoder_hidden_states=text).sample
+    with frozen_autocast(module):  # a half-precision base meets the fp32 branch
+        controlled = module.controlled_prediction(noisy, t, text, condition)
+        base = module.unet(noisy, t, encoder_hidden_states=text).sample
     return torch.mean((controlled.float() - base.float()) ** 2).item()
 
 

@@ -9,11 +9,12 @@ Captions come from, in order of preference:
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
-from cnexp.data.images import (IMAGE_SUFFIXES, DataError, Sample, caption_list, open_rgb,
-                               path_in_root)
+from cnexp.data.images import (IMAGE_SUFFIXES, DataError, Sample, caption_list, file_stamps,
+                               open_rgb, path_in_root)
 
 
 def _check_column(record: dict, column: str, where: str) -> None:
@@ -91,6 +92,12 @@ class CaptionsSource:
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def fingerprint(self) -> str:
+        """Each entry's file name and captions, and its image file's size and mtime."""
+        stamps = file_stamps(self.root, [name for name, _, _ in self.entries])
+        captions = [captions for _, captions, _ in self.entries]
+        return hashlib.sha1(json.dumps([stamps, captions]).encode()).hexdigest()
 
     def load(self, index: int) -> Sample:
         file_name, captions, where = self.entries[index]

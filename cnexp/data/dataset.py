@@ -1,6 +1,8 @@
 """The one map-style dataset of triples, over any layout's source of raw samples."""
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Protocol
 
 import numpy as np
@@ -21,6 +23,7 @@ class Source(Protocol):
     def load(self, index: int) -> Sample: ...
 
     def captions(self, index: int) -> list[str]: ...  # without decoding the images
+    def fingerprint(self) -> str: ...  # changes when any sample's file or caption changes
 
 
 class TriplesDataset(Dataset):
@@ -58,6 +61,10 @@ class TriplesDataset(Dataset):
         return image, condition, sample
 
     def __getitem__(self, i: int) -> dict:
+        return self.item_and_captions(i)[0]
+
+    def item_and_captions(self, i: int) -> tuple[dict, list[str]]:
+        """Item i and all of its sample's captions (the frozen-encoder cache encodes each)."""
         index = self.indices[i]
         image, condition, sample = self.load_arrays(index)
         offset = tuple(torch.rand(2).tolist()) if self.train and self.random_crop else None
@@ -71,7 +78,17 @@ class TriplesDataset(Dataset):
             "image": torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
             "caption": captions[pick],
             "index": index,
-        }
+        }, captions
+
+    def fingerprint(self) -> str:
+        """What the items are made of, cheaply (no image decoded): the source's fingerprint,
+        the indices, resolution and crop; the frozen-encoder disk cache is keyed by it."""
+        source = getattr(self.source, "fingerprint", None)
+        if source is None:
+            raise TypeError(f"{type(self.source).__name__} has no fingerprint()")
+        digest = hashlib.sha1(json.dumps([source(), self.resolution, self.random_crop,
+                                          self.indices]).encode())
+        return digest.hexdigest()
 
     def scan(self, skip_bad: bool) -> tuple[list[int], list[str]]:
         """Load every sample once (filling the condition cache). Returns the kept indices and

@@ -7,11 +7,13 @@ The tiny world's generator writes this layout too.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import DataError, Sample, caption_list, open_rgb, path_in_root
+from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, open_rgb,
+                               path_in_root)
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
@@ -84,6 +86,14 @@ class Fill50kSource:
     def captions(self, index: int) -> list[str]:
         number, record = self.records[index]
         return caption_list(record["prompt"], f"{self.root / 'prompt.json'}:{number}", "'prompt'")
+
+
+    def fingerprint(self) -> str:
+        """prompt.json's bytes (captions, file names) and each image file's size and mtime;
+        the conditions are left out: no frozen encoder sees them."""
+        index = (self.root / "prompt.json").read_bytes()
+        stamps = file_stamps(self.root, [record["target"] for _, record in self.records])
+        return hashlib.sha1(index + json.dumps(stamps).encode()).hexdigest()
 
 
 class Fill50kDataset(TriplesDataset):

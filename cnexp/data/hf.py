@@ -112,6 +112,10 @@ class HFSource:
     def __len__(self) -> int:
         return len(self.table)
 
+    def fingerprint(self) -> str:
+        """datasets' own fingerprint of the table (it hashes the data files), and its columns."""
+        return f"{self.table._fingerprint}:{self.columns}:{self.split}"
+
     def _image(self, value, where: str, condition: bool = False) -> Image.Image:
         if isinstance(value, Image.Image):
             return to_rgb(value, where, condition)

@@ -33,6 +33,19 @@ class Sample:
     origin: str = ""
 
 
+def file_stamps(root: Path, names) -> list:
+    """(name, size, mtime_ns) of each file under root, None for a missing one: a cheap stand-in
+    for the files' content (what make and ccache key on) when fingerprinting a dataset."""
+    stamps = []
+    for name in names:
+        try:
+            st = (Path(root) / name).stat()
+            stamps.append((str(name), st.st_size, st.st_mtime_ns))
+        except OSError:
+            stamps.append((str(name), None, None))
+    return stamps
+
+
 def open_rgb(source: str | Path | bytes, origin: str, condition: bool = False) -> Image.Image:
     """Decode a path or encoded bytes to RGB as a viewer shows it (see to_rgb)."""
     what = "image bytes" if isinstance(source, bytes) else f"image file {source}"

@@ -32,6 +32,7 @@ from cnexp.metrics.convergence import sudden_convergence
 from cnexp.metrics.fid import build_feature, cache_path, reference_fid, to_uint8
 from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_scores
 from cnexp.metrics.prompts import prompt_settings
+from cnexp.precision import frozen_autocast
 from cnexp.sampling import generate, make_pipeline
 
 log = logging.getLogger("cnexp")
@@ -134,8 +135,9 @@ class EvaluationCallback(L.Callback):
         chunks = [torch.empty(0, 3, *self.batch["condition"].shape[-2:], device=module.device)]
         for start in range(lo, hi, self.cfg.batch_size):
             stop = min(start + self.cfg.batch_size, hi)
-            chunks.append(generate(pipe, self.batch["condition"][start:stop], prompts[start:stop],
-                                   sampling, first_index=start))
+            with frozen_autocast(module):  # a half-precision base meets the fp32 branch
+                chunks.append(generate(pipe, self.batch["condition"][start:stop],
+                                       prompts[start:stop], sampling, first_index=start))
         return torch.cat(chunks)
 
     def score_fidelity(self, images: torch.Tensor, lo: int, prefix: str, device) -> dict:
@@ -259,7 +261,9 @@ class EvaluationCallback(L.Callback):
 
 def build_evaluation(cfg, data, out_dir: Path) -> EvaluationCallback:
     """The evaluation callback of a run config (cnexp.config.TrainConfig) and its data module.
-    Loads what can fail (annotator, CLIP, FID network) now, before training starts."""
+    Loads what can fail (annotator, CLIP, FID network) now, before training starts; with
+    eval.enabled=false none of them (the callback then only holds the evaluation batch, which
+    the base-damage check uses)."""
     ev = cfg.eval
     eval_batch = data.eval_batch()  # sets the data module up
     n = len(eval_batch["caption"])
@@ -270,6 +274,8 @@ def build_evaluation(cfg, data, out_dir: Path) -> EvaluationCallback:
                     "; FID needs 2 images and is skipped" if n < 2 and ev.fid else "")
     annotator = cfg.data.annotator
     kind = fidelity_kind(ev.fidelity, annotator)
+    if not ev.enabled:
+        return EvaluationCallback(eval_batch, cfg.sampling, ev, out_dir, fidelity=kind)
     annotate = None
     if FIDELITY[kind].needs_annotator:
         from cnexp.data.annotators import get_annotator

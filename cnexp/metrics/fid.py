@@ -142,7 +142,8 @@ def reference_fid(feature: nn.Module, real_batches: Callable[[], Iterable[torch.
             return fid
         _fill_reference(fid, real_batches)
         buffer = io.BytesIO()
-        torch.save({**{n: getattr(fid, n).cpu() for n in REAL_STATES}, "key": key}, buffer)
+        plain_key = json.loads(json.dumps(key))  # config Enums as their strings: loads safely
+        torch.save({**{n: getattr(fid, n).cpu() for n in REAL_STATES}, "key": plain_key}, buffer)
         atomic_write(cache_file, buffer.getvalue())  # parallel runs never read half a file
         atomic_write(cache_file.with_suffix(".json"), json.dumps(key, indent=1, sort_keys=True))
         log.info("FID reference statistics: %d images -> %s",
