@@ -62,6 +62,8 @@ class RunLog(L.Callback):
             return
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if loss is not None and (not self.losses or self.losses[-1]["step"] != step):
+            if trainer.world_size > 1:  # each rank holds its share's loss: the global batch's
+                loss = trainer.strategy.reduce(loss.detach(), reduce_op="mean")  # (all ranks)
             self.losses.append({"step": step, LOSS: float(loss)})  # one host sync per log step
         history = self.eval_history()
         if history and history[-1]["step"] == step:  # an evaluation just ran: show it

@@ -40,30 +40,42 @@ def _run(out, data, trainer):
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "WANDB_MODE": "disabled"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
-    with open(out / "csv" / "metrics.csv") as f:
-        losses = {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f)
-                  if r.get("train/loss")}
-    return losses, json.loads((out / "metrics.json").read_text())
+
+
+def _losses(run_dir):
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f)
+                if r.get("train/loss")}
+
+
+def assert_ddp_matches_one_process(one_dir, ddp_dir, steps):
+    """The DDP run in ddp_dir trained and evaluated as the one-process run in one_dir did
+    (also used by tests/test_slurm.py for a 2-task SLURM job)."""
+    one_losses, ddp_losses = _losses(one_dir), _losses(ddp_dir)
+    one, ddp = (json.loads((d / "metrics.json").read_text()) for d in (one_dir, ddp_dir))
+    # Same global batches and per-sample noise; only the gradient all-reduce's summation order
+    # differs, so the trajectories agree to float32 round-off, not bitwise.
+    assert len(one_losses) == len(ddp_losses) == steps  # rank zero logs each step once
+    for step, loss in one_losses.items():
+        assert ddp_losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
+    a = load_file(one_dir / "controlnet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(ddp_dir / "controlnet" / "diffusion_pytorch_model.safetensors")
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+    # evaluation split over the ranks, metric states synced: the same final numbers
+    scores = [k for k in one["final"] if k.startswith("eval/") and "seconds" not in k]
+    assert len(scores) >= 2, scores  # something to compare
+    for name in scores:
+        assert ddp["final"][name] == pytest.approx(one["final"][name], rel=1e-3, abs=1e-3), name
+    assert [h["step"] for h in ddp["history"]] == [h["step"] for h in one["history"]]
+    assert not torch.isnan(torch.tensor(ddp["final_loss"]))
+    return one, ddp
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (TINY / "model_index.json").exists(), reason="needs assets/tinyworld")
 def test_ddp_cpu_matches_one_process(tmp_path):
     data = tmp_path / "data"
-    one_losses, one = _run(tmp_path / "one", data, "cpu")
-    ddp_losses, ddp = _run(tmp_path / "ddp", data, "ddp_cpu")
-    # Same global batches and per-sample noise; only the gradient all-reduce's summation order
-    # differs, so the trajectories agree to float32 round-off, not bitwise.
-    assert len(one_losses) == len(ddp_losses) == 8  # rank zero logs each step once
-    for step, loss in one_losses.items():
-        assert ddp_losses[step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
-    a = load_file(tmp_path / "one" / "controlnet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(tmp_path / "ddp" / "controlnet" / "diffusion_pytorch_model.safetensors")
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
-    # evaluation split over the ranks, metric states synced: the same final numbers
-    scores = [k for k in one["final"] if k.startswith("eval/") and "seconds" not in k]
-    assert len(scores) >= 8
-    for name in scores:
-        assert ddp["final"][name] == pytest.approx(one["final"][name], rel=1e-3, abs=1e-3), name
-    assert [h["step"] for h in ddp["history"]] == [h["step"] for h in one["history"]]
-    assert not torch.isnan(torch.tensor(ddp["final_loss"]))
+    _run(tmp_path / "one", data, "cpu")
+    _run(tmp_path / "ddp", data, "ddp_cpu")
+    one, _ = assert_ddp_matches_one_process(tmp_path / "one", tmp_path / "ddp", steps=8)
+    assert len([k for k in one["final"] if k.startswith("eval/")]) >= 8

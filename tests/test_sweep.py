@@ -156,6 +156,7 @@ def test_real_multirun_then_compare(tmp_path):
         assert list((sweep / job / "samples").rglob("*.png"))
     assert compare_main([str(sweep)]) == 0
     out = sweep / "compare"
-    assert "2 ok · 0 failed · 0 incomplete · 0 missing" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "2 ok · 0 failed · 0 incomplete · 0 broken · 0 missing" in report
     assert (out / "summary.csv").read_text().count("baseline") >= 2
     assert (out / "samples.png").exists()
