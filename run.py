@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from cnexp.config import register_configs
 from cnexp.errors import CnexpError
 from cnexp.record import finished_run
+from cnexp.rundir import wanted_resume
 from cnexp.signals import RunStopped, StopSignals
 from cnexp.sweep import in_multirun, machine_info, record_failure, split_threads, write_status
 
@@ -33,7 +34,7 @@ def main(cfg: DictConfig) -> None:
     try:
         from cnexp.train import train  # heavy imports after Hydra has parsed the command line
 
-        if cfg.ckpt_path == "auto" and finished_run(out_dir):  # a requeued job that had ended
+        if wanted_resume(cfg.ckpt_path) == "auto" and finished_run(out_dir):  # requeued, done
             log.info("%s already finished (ckpt_path=auto): nothing to do", out_dir)
             return
         write_status(out_dir, "running")

@@ -101,6 +101,15 @@ def holds_a_run(run_dir: Path) -> Optional[str]:
     return str(ckpts[0].relative_to(run_dir)) if ckpts else None
 
 
+def wanted_resume(ckpt_path: Optional[str]) -> Optional[str]:
+    """ckpt_path as given, except that a job SLURM requeued (SLURM_RESTART_COUNT > 0) without
+    one continues its run (`auto`) rather than being refused for starting over it."""
+    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
+        log.info("requeued SLURM job: ckpt_path=auto")
+        return "auto"
+    return ckpt_path
+
+
 def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
     """The checkpoint a run resumes from: `last` (must exist), `auto` (if it exists), a path."""
     if ckpt_path not in ("last", "auto"):
@@ -130,7 +139,7 @@ class RunDirGuard(Callback):
         try:
             self.locks[str(run_dir)] = RunDirLock(run_dir).acquire()
             earlier = holds_a_run(run_dir)
-            if earlier and OmegaConf.select(config, "ckpt_path") is None:
+            if earlier and wanted_resume(OmegaConf.select(config, "ckpt_path")) is None:
                 raise RunDirError(
                     f"run directory {run_dir} already holds a run ({earlier}): resume it with "
                     f"{RESUME_HINT}, or start this run in a new directory (leave hydra.run.dir "

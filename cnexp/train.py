@@ -26,7 +26,7 @@ from cnexp.precision import resolve_frozen_dtype, store_frozen
 from cnexp.progress import StepProgressBar
 from cnexp.record import RunMetrics, write_metrics
 from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
-from cnexp.rundir import resume_path
+from cnexp.rundir import resume_path, wanted_resume
 from cnexp.runlog import RunLog
 from cnexp.signals import StopAtStepEnd, StopSignals
 from cnexp.sweep import is_rank_zero, wandb_identity
@@ -87,7 +87,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = resume_path(cfg.ckpt_path, out_dir)  # before anything heavy: a wrong one fails now
+    # before anything heavy: a wrong one fails now
+    ckpt_path = resume_path(wanted_resume(cfg.ckpt_path), out_dir)
     L.seed_everything(cfg.seed, workers=True)
     if cfg.trainer.accelerator == "cpu" and isinstance(cfg.trainer.devices, int):
         # CPU processes share the cores: n processes on n cores must not each spawn n threads

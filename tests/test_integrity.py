@@ -224,3 +224,14 @@ def test_under_ddp_every_rank_stops_at_the_same_step(tmp_path, straight):
     finish(start(out, data, "trainer=ddp_cpu", f"trainer.max_steps={state['step'] + 2}",
                  "eval.enabled=false", "ckpt_path=auto"))
     assert json.loads((out / "metrics.json").read_text())["resumed_at"] == [state["step"]]
+
+
+def test_a_requeued_slurm_job_continues_its_run_rather_than_being_refused(tmp_path, monkeypatch):
+    from cnexp.rundir import resume_path, wanted_resume
+
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    assert wanted_resume(None) is None  # a fresh run: starts fresh
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert resume_path(wanted_resume(None), tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
+    assert wanted_resume("some.ckpt") == "some.ckpt"  # an explicit choice stands
