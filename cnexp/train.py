@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
@@ -131,7 +132,10 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
         callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop, *([StepProgressBar(
             lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
-        plugins=[SafeCheckpointIO(module)],  # atomic saves; resume checks the keys
+        # atomic saves, resume checks the keys; on SLURM, cnexp's signals own the save and the
+        # requeue is submitit's (docs/slurm.md), so Lightning's own requeue stays off
+        plugins=[SafeCheckpointIO(module),
+                 *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
