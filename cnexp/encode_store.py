@@ -25,10 +25,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from cnexp.encode_cache import FrozenEncoderCache, encode_chunk, fill_chunks
+from cnexp.fileio import atomic_write, exclusive
 
 log = logging.getLogger("cnexp")
 FORMAT = 1  # bump when the layout or the fill order changes
@@ -51,15 +51,6 @@ def weights_digest(*models) -> str:
 def tokenizer_digest(tokenizer) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     return hashlib.sha1(json.dumps([vocab, tokenizer.model_max_length]).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 class _RawWriter:
@@ -134,22 +125,15 @@ class DiskEncoderCache(FrozenEncoderCache):
         digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.directory = self.root / digest
         self.directory.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.directory / "fill.lock"))
-        try:
-            lock.acquire(timeout=1)
-        except Timeout:
-            log.info("encoder cache: another process is filling %s; waiting", self.directory)
-            lock.acquire()
-        try:
+        # concurrent first runs: one fills, the others wait and then open what it wrote
+        with exclusive(self.directory / "fill", f"filling the encoder cache {self.directory}"):
             self._fill(dataset, key, encode_images, encode_text, device, progress)
-        finally:
-            lock.release()
         self.hits = self.misses = 0
 
     def _fill(self, dataset, key, encode_images, encode_text, device, progress: bool) -> None:
         directory = self.directory
         if not (directory / "key.json").exists():
-            _write_atomic(directory / "key.json", json.dumps(key, indent=1).encode())
+            atomic_write(directory / "key.json", json.dumps(key, indent=1).encode())
         for stale in directory.glob("*.tmp"):  # left by a killed filler (we hold the lock)
             stale.unlink(missing_ok=True)
         per_shard = -(-SHARD_IMAGES // self.fill_batch) * self.fill_batch
@@ -192,7 +176,7 @@ class DiskEncoderCache(FrozenEncoderCache):
             bar.update(len(items))
         meta = {"rows": rows, "captions": captions,
                 "moments": moments.commit(), "text": text.commit()}
-        _write_atomic(meta_path, json.dumps(meta).encode())  # last: the shard is complete
+        atomic_write(meta_path, json.dumps(meta).encode())  # last: the shard is complete
 
     def _open_shard(self, meta_path: Path) -> None:
         meta = json.loads(meta_path.read_text())

@@ -27,9 +27,10 @@ TIMING = ("seconds", "share")  # record fields that measure time, not the model
 
 
 def start(out, data, *extra, cache=None, log=None):
+    """`log`: a file for the output of a run nobody reads until it ends (a pipe would fill)."""
     cmd = [sys.executable, "run.py", f"hydra.run.dir={out}", f"data.root={data}", *SMALL,
            *([f"paths.cache={cache}"] if cache else []), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=log or subprocess.PIPE,
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=log.open("w") if log else subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "WANDB_MODE": "disabled"})
 
@@ -138,14 +139,13 @@ def test_sigkill_then_resume_gives_the_same_record_and_weights(tmp_path, straigh
 @pytest.mark.slow
 def test_a_second_ctrl_c_stops_at_once(tmp_path, straight):
     _, data = straight
-    out, log_path = tmp_path / "run", tmp_path / "log.txt"
-    with log_path.open("w") as log:
-        proc = start_until(out, data, 4, "trainer.max_steps=100000", log=log)
-        proc.send_signal(signal.SIGINT)  # the step finishes ...
-        time.sleep(0.5)
-        proc.send_signal(signal.SIGINT)  # ... unless the user insists
-        proc.wait(timeout=120)
-    assert proc.returncode == 130, log_path.read_text()[-2000:]
+    out, log = tmp_path / "run", tmp_path / "log.txt"
+    proc = start_until(out, data, 4, "trainer.max_steps=100000", log=log)
+    proc.send_signal(signal.SIGINT)  # the step finishes ...
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)  # ... unless the user insists
+    proc.wait(timeout=120)
+    assert proc.returncode == 130, log.read_text()[-2000:]
     state = json.loads((out / "status.json").read_text())
     assert state["status"] == "interrupted" and state["signal"] == "a second SIGINT"
 
@@ -173,12 +173,11 @@ def test_ckpt_path_auto_starts_fresh_and_leaves_a_finished_run_alone(tmp_path, s
 @pytest.mark.slow
 def test_one_run_per_directory(tmp_path, straight):
     _, data = straight
-    out, log_path = tmp_path / "run", tmp_path / "log.txt"
-    with log_path.open("w") as log:
-        first = start_until(out, data, 4, "trainer.max_steps=100000", log=log)
-        second = run_now(out, data)
-        first.send_signal(signal.SIGTERM)
-        first.wait(timeout=300)
+    out = tmp_path / "run"
+    first = start_until(out, data, 4, "trainer.max_steps=100000", log=tmp_path / "log.txt")
+    second = run_now(out, data)
+    first.send_signal(signal.SIGTERM)
+    first.wait(timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"run directory {out} is in use by another run (pid {first.pid}" in second.stderr
     assert json.loads((out / "status.json").read_text())["pid"] == first.pid  # untouched
@@ -215,7 +214,7 @@ def test_under_ddp_every_rank_stops_at_the_same_step(tmp_path, straight):
     _, data = straight
     out = tmp_path / "run"
     proc = start_until(out, data, 4, "trainer=ddp_cpu", "trainer.max_steps=100000",
-                       "eval.enabled=false")
+                       "eval.enabled=false", log=tmp_path / "log.txt")
     proc.send_signal(signal.SIGTERM)
     finish(proc, 143)
     state = json.loads((out / "status.json").read_text())
