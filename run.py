@@ -59,7 +59,8 @@ def main(cfg: DictConfig) -> None:
             sys.exit(2)
         raise
     finally:
-        signals.restore()
+        if signals.phase != "stopping":  # a stopping process keeps ignoring late signals
+            signals.restore()
     write_status(out_dir, "ok", seconds=round(time.time() - started, 1), **machine_info())
 
 

@@ -49,7 +49,8 @@ class StopSignals:
     def __init__(self):
         self.received: Optional[int] = None
         # setup: stop at once (nothing to save); training: StopAtStepEnd acts at the end of the
-        # step; finishing: the final evaluation and the record complete, the signal is noted
+        # step; finishing: the final evaluation and the record complete, the signal is noted;
+        # stopping: saved, exiting (a late signal must not turn a clean stop into a crash)
         self.phase = "setup"
         self.previous: dict[int, object] = {}
 
@@ -69,11 +70,16 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name
+        if self.phase == "stopping":  # the save is done and the process is on its way out
+            log.warning("%s received while stopping: already exiting", name)
+            return
         if signum == signal.SIGINT and self.received == signal.SIGINT:
+            self.phase = "stopping"
             raise RunStopped("interrupted", "a second SIGINT")  # the user insists: stop now
         if self.received is None:
             self.received = signum
         if self.phase == "setup":
+            self.phase = "stopping"
             raise RunStopped(self.reason, name)
         if self.phase == "finishing":
             log.warning("%s received after the last step: finishing the record first", name)
@@ -110,6 +116,7 @@ class StopAtStepEnd(L.Callback):
         if not stop:
             return
         trainer.save_checkpoint(self.path)
+        self.signals.phase = "stopping"
         name = signal.Signals(self.signals.received).name if self.signals.received else "a peer"
         raise RunStopped(self.signals.reason, name, trainer.global_step, self.path)
 

@@ -48,7 +48,7 @@ def test_a_record_of_another_shape_is_refused_naming_the_field(tmp_path, data, r
 
 class _Trainer:
     def __init__(self, step, max_steps=100):
-        self.global_step, self.max_steps = step, max_steps
+        self.global_step, self.max_steps, self.world_size = step, max_steps, 1
 
 
 def test_run_log_state_continues_losses_time_and_resume_steps(tmp_path):
