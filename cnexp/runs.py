@@ -18,7 +18,7 @@ import yaml
 
 from cnexp.record import (METRICS_FILE, STATUS_FILE, RecordError, RunMetrics, read_metrics,
                           read_status)
-from cnexp.sweep import ERROR_FILE
+from cnexp.sweep import ERROR_FILE, sweep_overrides
 
 # broken: a record that is not what a run writes (truncated, edited, another program's file)
 OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"
@@ -179,18 +179,13 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[dict[str, str]]]:
     hydra = (_load(sweep_dir / "multirun.yaml", yaml.safe_load) or {}).get("hydra")
     if not hydra:
         return None
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = (hydra.get("sweeper") or {}).get("params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()] + list(hydra["overrides"]["task"])
     sources = hydra.get("runtime", {}).get("config_sources") or []
     lister = _GroupOptions([Path(s["path"]) for s in sources if s.get("schema") == "file"])
     swept: dict[str, list[str]] = {}
     try:
-        for override in OverridesParser.create().parse_overrides(arguments):
-            if override.is_sweep_override():
-                override.config_loader = lister
-                swept[override.key_or_group] = list(override.sweep_string_iterator())
+        for override in sweep_overrides(hydra):
+            override.config_loader = lister  # glob() sweeps list the config group's options
+            swept[override.key_or_group] = list(override.sweep_string_iterator())
     except Exception:  # noqa: BLE001 - an unusual sweep: fall back to the runs found
         return None
     return [dict(zip(swept, values)) for values in itertools.product(*swept.values())]

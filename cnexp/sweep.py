@@ -177,21 +177,26 @@ KNOBS_MAX = 60
 UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
 
 
-@functools.lru_cache(maxsize=8)
-def swept_keys(sweep_dir: str) -> Optional[frozenset]:
-    """Keys the multirun gives several values (command line and hydra.sweeper.params), read from
-    the multirun.yaml Hydra's sweeper writes before launching; None when it cannot be read."""
+def sweep_overrides(hydra: dict) -> list:
+    """The sweep overrides (command line and hydra.sweeper.params) of multirun.yaml's `hydra`
+    section, parsed by Hydra; raises what the parser raises."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    params = (hydra.get("sweeper") or {}).get("params") or {}
+    lines = [*(f"{k}={v}" for k, v in params.items()), *hydra["overrides"]["task"]]
+    return [o for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()]
+
+
+@functools.lru_cache(maxsize=8)
+def swept_keys(sweep_dir: str) -> Optional[frozenset]:
+    """Keys the multirun gives several values, read from the multirun.yaml Hydra's sweeper
+    writes before launching; None when it cannot be read."""
     try:
         hydra = OmegaConf.to_container(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra)
-        lines = [*(f"{k}={v}" for k, v in (hydra["sweeper"].get("params") or {}).items()),
-                 *hydra["overrides"]["task"]]
-        overrides = OverridesParser.create().parse_overrides(lines)
+        return frozenset(o.key_or_group for o in sweep_overrides(hydra))
     except Exception as err:  # noqa: BLE001 - a name must not stop a job; fall back below
         log.debug("could not read the swept keys of %s: %s", sweep_dir, err)
         return None
-    return frozenset(o.key_or_group for o in overrides if o.is_sweep_override())
 
 
 def knobs_suffix(task_overrides: list[str], swept: Optional[frozenset]) -> str:
