@@ -18,7 +18,7 @@ import yaml
 
 from cnexp.record import (METRICS_FILE, STATUS_FILE, RecordError, RunMetrics, read_metrics,
                           read_status)
-from cnexp.sweep import ERROR_FILE, sweep_overrides
+from cnexp.sweep import ERROR_FILE, NOT_KNOBS, sweep_overrides
 
 # broken: a record that is not what a run writes (truncated, edited, another program's file)
 OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"
@@ -197,7 +197,7 @@ def load_sweep(root: Path) -> list[RunRecord]:
     records = [read_run(d) for d in find_run_dirs(root)]
     jobs = expected_jobs(root)
     swept = set(jobs[0]) if jobs else {k for k in _keys(records) if _varies(records, k)}
-    knobs = sorted(swept - {"ablation", "seed"})
+    knobs = sorted(k for k in swept if not k.startswith(NOT_KNOBS))
     for record in records:
         record.variant = ", ".join(f"{k}={record.overrides[k]}" for k in knobs
                                    if k in record.overrides)

@@ -122,7 +122,8 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 # Keys that differ between any two runs without being an ablation knob.
-NOT_KNOBS = ("ablation", "seed", "paths.", "logger.")
+# ckpt_path says how a run was resumed, hydra.* where it ran: neither changes what it trains.
+NOT_KNOBS = ("ablation", "seed", "paths.", "logger.", "ckpt_path", "hydra.")
 
 
 def knob_diff(config: dict, baseline: dict) -> dict[str, Any]:

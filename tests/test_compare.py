@@ -251,3 +251,13 @@ def test_a_preempted_run_says_where_it_stopped_and_how_to_resume(sweep):
     run = next(r for r in load_sweep(sweep) if r.name == run_dir.name)
     assert run.status == INCOMPLETE
     assert "preempted at step 163" in run.error and "ckpt_path=last" in run.error
+
+
+def test_a_resumed_run_stays_in_its_ablation_group(sweep):
+    """Resuming adds ckpt_path=last to a run's overrides; that is not a knob of the ablation."""
+    resumed = sweep / "1_baseline-s1" / ".hydra" / "overrides.yaml"
+    resumed.write_text(yaml.safe_dump(["+ablation=baseline", "seed=1", "ckpt_path=last",
+                                       "hydra.run.dir=x"]))
+    records = [r for r in load_sweep(sweep) if r.status == OK]
+    assert {r.label for r in records} == {"baseline", "lite"}
+    assert len(select_runs(records)["baseline"]) == 3
