@@ -4,8 +4,9 @@ SIGTERM (SLURM pre-emption, `scancel`), SIGUSR1 and SIGUSR2 (the warning signals
 before a time limit with `--signal`, submitit's default being USR2) mean *pre-empted*; the first
 SIGINT (Ctrl-C) means *interrupted*; a second SIGINT stops at once. During training the signal only
 sets a flag: the step in flight finishes (its evaluation too), every rank agrees to stop at that
-same step, `checkpoints/last.ckpt` is written, and `RunStopped` ends the fit. Before training starts
-there is nothing to save, so the signal stops the run straight away.
+same step, `checkpoints/last.ckpt` is written, and `RunStopped` ends the fit. Before the first step
+(loading, the step-0 evaluation, the frozen-encoder cache fill) there is nothing to save, so the
+signal stops the run straight away.
 
 cnexp owns the save; whoever asked for the signal owns the requeue: a handler installed before
 cnexp's (submitit's, in a SLURM job) is called after the save, so it can requeue the job. Lightning's
@@ -104,7 +105,12 @@ class StopAtStepEnd(L.Callback):
 
     def on_train_start(self, trainer, module) -> None:
         self.signals.install()  # Lightning registered its SIGTERM handler since: ours again
-        self.signals.phase = "training"
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        # only now is there a step to finish: a signal during what comes before it (the step-0
+        # evaluation, the frozen-encoder cache fill, which can take minutes) stops at once
+        if self.signals.phase == "setup":
+            self.signals.phase = "training"
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if trainer.global_step >= trainer.max_steps > 0:

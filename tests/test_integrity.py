@@ -149,6 +149,25 @@ def test_ctrl_c_waits_for_the_step_and_a_second_one_stops_at_once():
     signals._handle(signal.SIGINT, None)  # a third, while stopping: ignored, no second raise
 
 
+def test_a_signal_before_the_first_step_stops_at_once(tmp_path):
+    """The step-0 evaluation and the encoder-cache fill run after on_train_start: a pre-emption
+    then must not wait for them (a cluster's grace period may be shorter)."""
+    from cnexp.signals import RunStopped, StopAtStepEnd, StopSignals
+
+    signals = StopSignals()
+    stop = StopAtStepEnd(signals, tmp_path)
+    try:
+        stop.on_train_start(None, None)
+        with pytest.raises(RunStopped, match="preempted by SIGTERM at step 0"):
+            signals._handle(signal.SIGTERM, None)
+        signals.received, signals.phase = None, "setup"
+        stop.on_train_batch_start(None, None, None, 0)
+        signals._handle(signal.SIGTERM, None)  # now a step is in flight: it finishes first
+        assert signals.received == signal.SIGTERM
+    finally:
+        signals.restore()
+
+
 @pytest.mark.slow
 def test_ctrl_c_twice_stops_the_run_with_status_interrupted(tmp_path, straight):
     """Steps made slow by an evaluation at each, so the second Ctrl-C usually lands inside the
