@@ -124,6 +124,9 @@ class EvalConfig:
     # full evaluations (every prompt setting, fidelity + CLIP + FID, grids): step 0, the end,
     # and every full_every_n_steps (0: only those two)
     full_every_n_steps: int = field(default=0, metadata=NON_NEGATIVE)
+    # false: step 0 gets only the curve (and copy drift); a sweep whose runs all start from the
+    # same base needs its full step-0 evaluation once, not in every run
+    full_at_start: bool = True
     # per prompt setting; None: the whole evaluation set
     num_images: Optional[int] = field(default=None, metadata=POSITIVE)
     prompt_settings: list[PromptSetting] = field(default_factory=lambda: list(PromptSetting))

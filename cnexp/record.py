@@ -6,7 +6,8 @@ raises `RecordError` naming the file and the field otherwise, so no reader guess
 
 Version history: 1 (no `version` key) = the fields below up to `sudden_convergence`;
 2 adds `version`, `losses` (train loss at every log step), `resumed_at` (the steps a run was
-resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a resumed run.
+resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a resumed run;
+3 adds `final_images` (each evaluation image's fidelity scores at the last full evaluation).
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any, Optional
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write_json
 
-RECORD_VERSION = 2
+RECORD_VERSION = 3
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
 # status.json's `status`: running, then one of the others; what each exit code means: run.py
@@ -49,6 +50,8 @@ class RunMetrics:
     wall_seconds: Optional[float] = None
     losses: list[dict[str, float]] = field(default_factory=list)  # {"step", "train/loss"}
     resumed_at: list[int] = field(default_factory=list)
+    # "eval/<setting>/<metric>" -> one score per evaluation image, in the set's order
+    final_images: dict[str, list[float]] = field(default_factory=dict)
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict:
@@ -107,9 +110,9 @@ def read_metrics(path: str | Path) -> RunMetrics:
     if not isinstance(data, dict):
         raise RecordError(f"{path}: must be a JSON object, got {type(data).__name__}")
     version = data.get("version", 1)
-    if version not in (1, RECORD_VERSION):
+    if version not in range(1, RECORD_VERSION + 1):
         raise RecordError(f"{path}: record version {version!r} is not one this cnexp reads "
-                          f"(1 or {RECORD_VERSION}); update cnexp")
+                          f"(1 to {RECORD_VERSION}); update cnexp")
     known = {f.name for f in fields(RunMetrics)}
     missing = [k for k in ("ablation", "seed", "steps", "history") if k not in data]
     if missing:
@@ -124,6 +127,10 @@ def read_metrics(path: str | Path) -> RunMetrics:
         value = data.get(name, {})
         if not isinstance(value, dict) or not all(_is_number(v) for v in value.values()):
             raise RecordError(f"{path}: field '{name}' must be an object of numbers")
+    images = data.get("final_images", {})
+    if not isinstance(images, dict) or not all(
+            isinstance(v, list) and all(_is_number(x) for x in v) for v in images.values()):
+        raise RecordError(f"{path}: field 'final_images' must be an object of lists of numbers")
     if not isinstance(data.get("sudden_convergence", {}), dict):
         raise RecordError(f"{path}: field 'sudden_convergence' must be an object")
     for name in ("base_damage_step0", "final_loss", "fit_seconds", "eval_seconds",

@@ -150,7 +150,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         final_loss=float(trainer.callback_metrics.get("train/loss", torch.nan)),
         fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
         eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
-        losses=run_log.losses, resumed_at=run_log.resumed_at)
+        losses=run_log.losses, resumed_at=run_log.resumed_at,
+        final_images=evaluation.final_images)
     if trainer.is_global_zero:
         if cfg.export:
             branch.export(controlnet, out_dir / "controlnet")

@@ -32,6 +32,13 @@ PRESETS = {  # preset -> the knobs it changes (every other value is the baseline
     "baseline": {},
     "no_zero_conv": {"control.connector_init": "gaussian",
                      "control.init_scope": "connectors_and_hint"},
+    "no_zero_conv_x10": {"control.connector_init": "gaussian", "control.gaussian_std": 0.2,
+                         "control.init_scope": "connectors_and_hint"},
+    "no_zero_conv_default": {"control.connector_init": "default",
+                             "control.init_scope": "connectors_and_hint"},
+    "low_lr": {"optim.lr": 1e-4},
+    "low_lr_no_zero_conv": {"optim.lr": 1e-4, "control.connector_init": "gaussian",
+                            "control.init_scope": "connectors_and_hint"},
     "lightweight": {"control.branch": "lite"},
     "scratch_copy": {"control.branch": "scratch"},
     "controlnet_xs": {"control.branch": "xs"},
@@ -387,4 +394,4 @@ def test_every_preset_runs_fast_dev_run(name, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert (out / "metrics.json").exists()
     damage = float(log.split("base damage at step 0")[1].split(":")[1].split()[0])
-    assert (damage > 0) == (name == "no_zero_conv"), damage
+    assert (damage > 0) == ("no_zero_conv" in name), damage

@@ -54,6 +54,12 @@ class Branch:
         frozen vae, text_encoder, tokenizer, scheduler and the safety-checker switches."""
         raise NotImplementedError
 
+    def copied_from_base(self, control: nn.Module, unet: UNet2DConditionModel
+                         ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """name -> (parameter, the frozen UNet weight it was copied from) for every parameter
+        that starts as a copy of the base (copy drift, cnexp/metrics/drift.py); none by default."""
+        return {}
+
     def check(self, cfg: ControlConfig) -> None:
         """Knob combinations this branch cannot honour: raise ConfigError naming the fix."""
 

@@ -21,6 +21,15 @@ class CopyBranch(ResidualBranch):
             conditioning_embedding_out_channels=tuple(cfg.conditioning_embedding_out_channels))
         return control.requires_grad_(True)
 
+    def copied_from_base(self, control, unet):
+        if not self.copy_weights:
+            return {}
+        # from_unet copies conv_in, the time embedding, the down blocks and the mid block under
+        # the UNet's own names; the connectors and the hint embedding are the copy's own
+        base = dict(unet.named_parameters())
+        return {name: (p, base[name]) for name, p in control.named_parameters()
+                if name in base and base[name].shape == p.shape}
+
 
 @register
 class ScratchBranch(CopyBranch):

@@ -2,12 +2,16 @@
 
 Two kinds of evaluation, both on the data module's fixed evaluation set with fixed sampler seeds
 (image i always starts from the noise of seed + i), so runs, seeds and ablations are paired:
-- full (step 0, every eval.full_every_n_steps, the end): every prompt setting of the paper,
+- full (step 0 unless eval.full_at_start=false, every eval.full_every_n_steps, the end): every prompt setting of the paper,
   each scored for control fidelity, CLIP score and FID -> eval/<setting>/<metric>, plus the
   perfect prompt's values as the headline eval/<metric>, and one grid PNG per setting;
 - curve (every eval.every_n_steps, and at each full evaluation): control fidelity of the first
   eval.curve_images samples under the perfect prompt -> eval/curve/<metric>; the curve that
-  sudden convergence is read from at the end.
+  sudden convergence is read from at the end;
+- copy drift (eval/copy_drift, every evaluation): how far the trainable copy has moved from the
+  base weights it was copied from (cnexp/metrics/drift.py).
+The last full evaluation also keeps each image's fidelity scores (`final_images`), from which
+compare separates image-to-image from seed-to-seed variance.
 Under DDP each rank samples a contiguous block of the set; torchmetrics syncs the metric states
 and only rank zero logs and writes files.
 """
@@ -29,6 +33,7 @@ from torchvision.utils import make_grid, save_image
 from cnexp.config import EvalConfig, SamplingConfig
 from cnexp.errors import ConfigError
 from cnexp.metrics.convergence import sudden_convergence
+from cnexp.metrics.drift import copy_drift
 from cnexp.metrics.fid import build_feature, cache_path, reference_fid, to_uint8
 from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_scores
 from cnexp.metrics.prompts import prompt_settings
@@ -51,6 +56,15 @@ def synced_mean(values: list[float], device: torch.device) -> float:
     if values:
         mean.update(torch.tensor(values, dtype=torch.float32, device=device))
     return float(mean.compute())
+
+
+def gathered(values: list[float]) -> list[float]:
+    """Every rank's values, concatenated in rank order (this rank's alone without DDP)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return list(values)
+    parts: list = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(parts, list(values))
+    return [v for part in parts for v in part]
 
 
 def check_config(cfg: EvalConfig, fidelity: str) -> None:
@@ -80,6 +94,7 @@ class EvaluationCallback(L.Callback):
         self.history: list[dict] = []
         self.seconds = 0.0
         self.sudden: dict = {}
+        self.final_images: dict[str, list[float]] = {}  # the last full evaluation's, per image
         n = len(eval_batch["caption"])
         self.num_images = min(cfg.num_images or n, n)
         self.curve_images = min(cfg.curve_images, self.num_images)
@@ -92,17 +107,19 @@ class EvaluationCallback(L.Callback):
     # ---- checkpoint state: a resumed run continues the history from the true step 0 ----------
     def state_dict(self) -> dict:
         return {"history": list(self.history), "seconds": self.seconds,
-                "last_step": self._last_step, "last_full_step": self._last_full_step}
+                "last_step": self._last_step, "last_full_step": self._last_full_step,
+                "final_images": dict(self.final_images)}
 
     def load_state_dict(self, state: dict) -> None:
         self.history = list(state["history"])
+        self.final_images = dict(state.get("final_images", {}))
         self.seconds = float(state["seconds"])
         self._last_step, self._last_full_step = state["last_step"], state["last_full_step"]
 
     # ---- schedule -----------------------------------------------------------------------------
     def on_train_start(self, trainer, module) -> None:
         if self.cfg.enabled and trainer.global_step == 0:  # a resumed run evaluated step 0
-            self.evaluate(trainer, module, full=True)
+            self.evaluate(trainer, module, full=self.cfg.full_at_start)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
@@ -140,13 +157,17 @@ class EvaluationCallback(L.Callback):
                                        prompts[start:stop], sampling, first_index=start))
         return torch.cat(chunks)
 
-    def score_fidelity(self, images: torch.Tensor, lo: int, prefix: str, device) -> dict:
-        """Mean fidelity of images lo.. of the set; every rank calls it, with or without images."""
+    def score_fidelity(self, images: torch.Tensor, lo: int, prefix: str, device,
+                       per_image: Optional[dict] = None) -> dict:
+        """Mean fidelity of images lo.. of the set; every rank calls it, with or without images.
+        per_image: filled with every image's scores, in the set's order over all ranks."""
         conditions = self.batch["condition"][lo:lo + len(images)]
         scores = fidelity_scores(images, conditions, self.fidelity, self.annotate) \
             if len(images) else {}
-        return {f"{prefix}/{name}": synced_mean(scores.get(name, []), device)
-                for name in FIDELITY[self.fidelity].metrics}
+        names = FIDELITY[self.fidelity].metrics
+        if per_image is not None:
+            per_image.update({f"{prefix}/{name}": gathered(scores.get(name, [])) for name in names})
+        return {f"{prefix}/{name}": synced_mean(scores.get(name, []), device) for name in names}
 
     def _build_metrics(self, trainer, device) -> None:
         if self.clip_model and self.clip is None:
@@ -161,9 +182,10 @@ class EvaluationCallback(L.Callback):
             if metric is not None:
                 metric.to(device)
 
-    def score_full(self, images: torch.Tensor, setting: str, lo: int, device) -> dict:
+    def score_full(self, images: torch.Tensor, setting: str, lo: int, device,
+                   per_image: dict) -> dict:
         prefix = f"eval/{setting}"
-        metrics = self.score_fidelity(images, lo, prefix, device)
+        metrics = self.score_fidelity(images, lo, prefix, device, per_image)
         captions = self.batch["caption"][lo:lo + len(images)]
         pixels = to_uint8(images)
         if self.clip is not None:  # against the sample's own caption: does it show the content?
@@ -190,10 +212,12 @@ class EvaluationCallback(L.Callback):
         if full:
             self._build_metrics(trainer, device)
             lo, hi = block(self.num_images, rank, world)
+            per_image: dict[str, list[float]] = {}
             for setting, prompts in self.settings.items():
                 images = self.sample(module, prompts, lo, hi)
-                metrics.update(self.score_full(images, setting, lo, device))
+                metrics.update(self.score_full(images, setting, lo, device, per_image))
                 grids[setting] = (images, lo)
+            self.final_images = per_image
             if HEADLINE_SETTING in self.settings:
                 prefix = f"eval/{HEADLINE_SETTING}/"
                 metrics.update({"eval/" + k[len(prefix):]: v for k, v in list(metrics.items())
@@ -210,6 +234,9 @@ class EvaluationCallback(L.Callback):
             curve = self.sample(module, self.batch["caption"], lo, hi)
             grids[HEADLINE_SETTING] = (curve, lo)
             metrics.update(self.score_fidelity(curve, lo, f"eval/{CURVE}", device))
+        drift = copy_drift(module.branch.copied_from_base(module.controlnet, module.unet))
+        if drift is not None:
+            metrics["eval/copy_drift"] = drift
         self.seconds += time.perf_counter() - start
         metrics["eval/seconds_total"] = self.seconds
         self.history.append({"step": step, **metrics})

@@ -7,8 +7,9 @@ annotator and compare it with the input condition. The comparison depends on the
 - rmse (midas, zoe, leres depth): RMSE on 0-255 (lower is better);
 - miou (segmentation maps, colour-coded): mean IoU over the colours present;
 - outline (the tiny world, fill50k: no annotator, the condition is a shape's outline):
-  edge F1 of the sample's Canny edges within 1 pixel of the outline, and shape IoU of the
-  sample's foreground (pixels far from its border colour) against the outline's interior.
+  edge F1 of the sample's Canny edges within 1 pixel of the outline, shape IoU of the
+  sample's foreground (pixels far from its border colour) against the outline's interior, and
+  shape-kind accuracy: is each outlined shape drawn as its kind (cnexp/metrics/shape_kind.py).
 `FIDELITY` maps each kind to its scorer; `fidelity_kind` picks one from data.annotator.
 """
 from __future__ import annotations
@@ -23,6 +24,7 @@ from scipy import ndimage
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from cnexp.errors import CnexpError
+from cnexp.metrics.shape_kind import kind_accuracy
 
 CANNY_LOW, CANNY_HIGH = 100, 200  # OpenCV units, as ControlNet++ (0.1/0.2 on [0, 1] scaled)
 
@@ -66,7 +68,9 @@ def shape_iou(image: np.ndarray, condition: np.ndarray) -> float:
 
 
 def outline_scores(image: np.ndarray, condition: np.ndarray, annotate=None) -> dict[str, float]:
-    return {"shape_iou": shape_iou(image, condition), "edge_f1": edge_f1(image, condition)}
+    filled = ndimage.binary_fill_holes(outline_mask(condition))
+    return {"shape_iou": shape_iou(image, condition), "edge_f1": edge_f1(image, condition),
+            "kind_acc": kind_accuracy(filled, foreground_mask(image))}
 
 
 # ---- re-detected conditions (ControlNet++) ------------------------------------------------------
@@ -123,7 +127,8 @@ class Fidelity:
 
 
 FIDELITY = {
-    "outline": Fidelity(outline_scores, ("shape_iou", "edge_f1"), needs_annotator=False),
+    "outline": Fidelity(outline_scores, ("shape_iou", "edge_f1", "kind_acc"),
+                        needs_annotator=False),
     "f1": Fidelity(_redetected(binary_f1, "f1"), ("f1",)),
     "ssim": Fidelity(_redetected(grey_ssim, "ssim"), ("ssim",)),
     "rmse": Fidelity(_redetected(grey_rmse, "rmse"), ("rmse",), higher_is_better=False),
