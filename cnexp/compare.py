@@ -7,6 +7,8 @@ Writes to <out> (default <sweep dir>/compare):
   summary.csv  the same numbers, one row per ablation x prompt setting x metric
   runs.csv     every run with its status and error
   curves_<metric>.png, bars_<metric>.png, samples.png
+  with --claims FILE: claims.csv, claims.png and the claims table at the top of report.md
+  (cnexp/claims.py: each paper claim's paired effect, verdict and detectable effect)
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from cnexp import plots
+from cnexp.claims import ClaimsError, claims_markdown, judge_claims, load_claims, write_claims_csv
 from cnexp.runs import OK, STATUSES, RunRecord, is_metric, load_sweep, load_wandb
 from cnexp.stats import Estimate, mean_ci, paired_difference
 from cnexp.sweep import knob_diff
@@ -226,7 +229,7 @@ def budget_lines(groups: dict[str, list[RunRecord]]) -> list[str]:
 
 
 def markdown(table, groups, records, baseline: str, figures: list[Path], source: str,
-             level: float) -> str:
+             level: float, claims: Optional[list] = None) -> str:
     counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     pct = f"{level:.0%}"
     out = [f"# Sweep comparison: {source}", "",
@@ -236,8 +239,10 @@ def markdown(table, groups, records, baseline: str, figures: list[Path], source:
            "(n − 1 degrees of freedom). Δ: difference to the baseline run with the same seed, "
            f"averaged over seeds, ± its own {pct} t-interval; `*` marks a Δ whose interval "
            "excludes 0. `(n=k)`: only k seeds had a value. With few seeds the intervals of the means "
-           "are wide; the paired Δ is the sharper test.",
-           "", "## Ablations", ""]
+           "are wide; the paired Δ is the sharper test.", ""]
+    if claims:
+        out += ["## Claims", ""] + claims_markdown(claims, level) + [""]
+    out += ["## Ablations", ""]
     out += _md_table(["ablation", "runs", "seeds", f"knobs that differ from `{baseline}`"],
                      knob_lines(groups, baseline))
     for metric, by_label in table.items():
@@ -295,15 +300,24 @@ def make_figures(table, groups, out: Path) -> list[Path]:
 
 
 def compare(records: list[RunRecord], out: Path, source: str, baseline: str = "baseline",
-            level: float = 0.95, figures: bool = True) -> dict:
-    """Write report.md, summary.csv, runs.csv and the figures; return the summary table."""
+            level: float = 0.95, figures: bool = True, claims_file: Optional[Path] = None
+            ) -> dict:
+    """Write report.md, summary.csv, runs.csv and the figures (and the claims table when a
+    claims file is given); return the summary table."""
+    claims = load_claims(claims_file) if claims_file else None  # a bad file fails before writing
     out.mkdir(parents=True, exist_ok=True)
     groups = select_runs(records, baseline)
     table = summarize(groups, baseline, level)
     write_summary_csv(table, out / "summary.csv")
     write_runs_csv(records, out / "runs.csv")
     pngs = make_figures(table, groups, out) if figures else []
-    (out / "report.md").write_text(markdown(table, groups, records, baseline, pngs, source, level))
+    results = judge_claims(claims, groups, level) if claims else None
+    if results:
+        write_claims_csv(results, out / "claims.csv")
+        forest = plots.claims_forest(results, out / "claims.png") if figures else None
+        pngs = [forest, *pngs] if forest else pngs
+    (out / "report.md").write_text(markdown(table, groups, records, baseline, pngs, source, level,
+                                            results))
     return table
 
 
@@ -318,6 +332,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--wandb", metavar="ENTITY/PROJECT", help="read runs from the W&B API")
     parser.add_argument("--group", help="the W&B group (with --wandb)")
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--claims", type=Path, metavar="FILE", help="a claims file (YAML, see "
+                        "cnexp/claims.py): adds the claims table to the report")
     args = parser.parse_args(argv)
     if args.wandb:
         if not args.group:
@@ -341,7 +357,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not records:
         print(f"no runs found in {source}", file=sys.stderr)
         return 1
-    compare(records, out, source, args.baseline, args.level, figures=not args.no_figures)
+    try:
+        compare(records, out, source, args.baseline, args.level, figures=not args.no_figures,
+                claims_file=args.claims)
+    except ClaimsError as err:
+        print(err, file=sys.stderr)
+        return 2
     bad = [r for r in records if r.status != OK]
     print(f"{len(records) - len(bad)} of {len(records)} runs finished; report: {out / 'report.md'}")
     for r in bad:

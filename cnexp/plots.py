@@ -151,3 +151,39 @@ def _save(fig, path: Path) -> Path:
 
 def _discard(fig) -> None:
     plt.close(fig)
+
+
+VERDICT_COLOURS = {"reproduced": "tab:green", "opposite": "tab:red", "not shown": "tab:gray"}
+
+
+def claims_forest(results: list, path: Path) -> Optional[Path]:
+    """One row per claim (cnexp/claims.py ClaimResult): the paired difference and its interval
+    on the claim's own scale, the zero line, and the detectable effect on the paper's side
+    (dashed); green reproduced, red opposite, grey not shown."""
+    rows = [r for r in results if r.diff.n >= 2]
+    if not rows:
+        return None
+    fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 0.95 * len(rows) + 0.6), squeeze=False)
+    for ax, r in zip(axes[:, 0], rows):
+        colour = VERDICT_COLOURS.get(r.verdict, "black")
+        ax.errorbar([r.diff.mean], [0], xerr=[[r.diff.mean - r.diff.low],
+                                             [r.diff.high - r.diff.mean]],
+                    fmt="o", color=colour, capsize=4)
+        ax.axvline(0, color="black", linewidth=0.8)
+        side = 1 if r.claim.expect == "higher" else -1
+        if math.isfinite(r.detectable):
+            ax.axvline(side * r.detectable, color=colour, linestyle="--", linewidth=0.8)
+        span = max(abs(r.diff.low), abs(r.diff.high), r.detectable if
+                   math.isfinite(r.detectable) else 0, 1e-9) * 1.3
+        ax.set_xlim(-span, span)
+        ax.set_yticks([])
+        step = f" @ {r.claim.step}" if r.claim.step is not None else ""
+        ax.set_title(f"{r.claim.arm} − {r.claim.reference}: {r.claim.metric}{step} "
+                     f"({r.verdict})", fontsize=8, loc="left")
+        ax.tick_params(axis="x", labelsize=7)
+    fig.suptitle("Paired Δ ± CI per claim (dashed: detectable effect on the paper's side)",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

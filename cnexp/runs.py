@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,7 @@ class RunRecord:
     config: dict = field(default_factory=dict)  # .hydra/config.yaml (unresolved) or W&B config
     final: dict[str, float] = field(default_factory=dict)  # eval/... at the last evaluation
     history: list[dict] = field(default_factory=list)  # [{"step": s, "eval/...": v}, ...]
+    images: dict[str, list[float]] = field(default_factory=dict)  # metrics.json final_images
     sudden: Any = None  # metrics.json's `sudden_convergence`, whatever its shape
     base_damage: Optional[float] = None  # metrics.json's `base_damage_step0`
     samples: dict[str, Path] = field(default_factory=dict)  # prompt setting -> last grid PNG
@@ -140,6 +142,8 @@ def _fill(record: RunRecord, metrics: RunMetrics, status: dict) -> None:
     record.ablation, record.seed = metrics.ablation, metrics.seed
     record.final = _numbers(metrics.final)
     record.history = [{"step": row["step"], **_numbers(row)} for row in metrics.history]
+    record.images = {k: [math.nan if v is None else float(v) for v in values]
+                     for k, values in metrics.final_images.items()}
     record.sudden = metrics.sudden_convergence
     record.base_damage = metrics.base_damage_step0
     record.samples = last_grids(record.path / "samples")

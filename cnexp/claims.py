@@ -1,0 +1,211 @@
+"""The claims table: each of the paper's claims, the metric that tests it, the paired effect with
+its interval, a verdict, and the smallest effect the design could have detected.
+
+A claims file (YAML) names what to test; `python -m cnexp.compare <sweep> --claims FILE` reads it:
+
+    reference: baseline                 # default reference arm for every claim
+    claims:
+      - claim: zero convolutions protect the copy's pretrained weights early in training
+        arm: no_zero_conv               # the runs that test it (a compare label)
+        metric: eval/copy_drift         # a key of metrics.json's final (or history) rows
+        step: 100                       # optional: read it at this step instead of the end
+        expect: higher                  # the paper's direction of arm - reference
+        reference: baseline             # optional, per claim
+
+Verdicts: `reproduced` (the paired interval excludes 0 on the paper's side), `opposite` (it
+excludes 0 on the other side), `not shown` (it includes 0; the detectable column then says how
+large an effect the design would have caught). The detectable effect is the paired difference
+that a two-sided t-test at the report's level finds with 80% power, from the measured
+seed-to-seed spread of the differences. The image share is how much of that spread the finite
+evaluation set explains (each image's paired difference, from metrics.json's final_images):
+near 1, more images would sharpen the test; near 0, only more seeds would.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import yaml
+from scipy import stats
+
+from cnexp.errors import CnexpError
+from cnexp.runs import RunRecord
+from cnexp.stats import Estimate, mean_ci
+
+EXPECT = ("higher", "lower")
+POWER = 0.8
+REPRODUCED, OPPOSITE, NOT_SHOWN, NOT_RUN, TOO_FEW = (
+    "reproduced", "opposite", "not shown", "not run", "too few seeds")
+
+
+class ClaimsError(CnexpError):
+    """A claims file that cannot be read as one."""
+
+
+@dataclass(frozen=True)
+class Claim:
+    claim: str  # the paper's claim, in a few words
+    arm: str  # compare label of the runs that test it
+    metric: str  # eval/<setting>/<metric> or eval/<metric>
+    expect: str  # the paper's direction of arm - reference: higher | lower
+    reference: str = "baseline"
+    step: Optional[int] = None  # None: the run's final value
+
+
+@dataclass
+class ClaimResult:
+    claim: Claim
+    diff: Estimate  # arm - reference, paired by seed
+    arm_mean: float
+    reference_mean: float
+    verdict: str
+    detectable: float  # smallest |difference| found with 80% power (NaN below 2 pairs)
+    image_share: Optional[float]  # share of the differences' variance from the image sample
+
+
+def load_claims(path: Path) -> list[Claim]:
+    """The claims of a YAML file, or ClaimsError naming the file, the claim and the field."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise ClaimsError(f"{path}: cannot be read as YAML ({err})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("claims"), list):
+        raise ClaimsError(f"{path}: needs a top-level 'claims:' list (see cnexp/claims.py)")
+    reference = data.get("reference", "baseline")
+    allowed = {f.name for f in fields(Claim)}
+    claims = []
+    for i, entry in enumerate(data["claims"]):
+        where = f"{path}: claims[{i}]"
+        if not isinstance(entry, dict):
+            raise ClaimsError(f"{where} must be a mapping of {sorted(allowed)}")
+        unknown = sorted(set(entry) - allowed)
+        missing = [k for k in ("claim", "arm", "metric", "expect") if k not in entry]
+        if unknown or missing:
+            raise ClaimsError(f"{where}: field '{(unknown or missing)[0]}' is "
+                              f"{'unknown' if unknown else 'missing'}; fields: {sorted(allowed)}")
+        if entry["expect"] not in EXPECT:
+            raise ClaimsError(f"{where}: expect is {entry['expect']!r}; use higher or lower")
+        step = entry.get("step")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 0):
+            raise ClaimsError(f"{where}: step is {step!r}; use a training step (an integer >= 0)")
+        claims.append(Claim(**{"reference": reference, **{k: v for k, v in entry.items()}}))
+    return claims
+
+
+def value_of(run: RunRecord, metric: str, step: Optional[int]) -> Optional[float]:
+    """The run's final value of metric, or its value at `step` of the history."""
+    if step is None:
+        return run.final.get(metric)
+    rows = [row for row in run.history if row.get("step") == step and metric in row]
+    return rows[-1][metric] if rows else None
+
+
+def detectable_effect(sd: float, pairs: int, level: float = 0.95, power: float = POWER) -> float:
+    """The mean paired difference a two-sided t-test at `level` detects with `power`."""
+    if pairs < 2 or not math.isfinite(sd):
+        return math.nan
+    df = pairs - 1
+    return float((stats.t.ppf(0.5 + level / 2, df) + stats.t.ppf(power, df)) * sd
+                 / math.sqrt(pairs))
+
+
+def image_share(arm: dict[int, RunRecord], ref: dict[int, RunRecord], metric: str,
+                sd: float) -> Optional[float]:
+    """Share of the seed-to-seed variance of the paired differences that the evaluation set's
+    size explains: mean over seeds of var_i(image differences) / n_images, over sd^2."""
+    per_seed = []
+    for seed in arm.keys() & ref.keys():
+        a, b = arm[seed].images.get(metric), ref[seed].images.get(metric)
+        if not a or not b or len(a) != len(b):
+            continue
+        d = np.asarray(a, float) - np.asarray(b, float)
+        d = d[np.isfinite(d)]
+        if len(d) >= 2:
+            per_seed.append(d.var(ddof=1) / len(d))
+    if not per_seed or not math.isfinite(sd) or sd <= 0:
+        return None
+    return float(min(1.0, np.mean(per_seed) / sd ** 2))
+
+
+def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
+               level: float = 0.95) -> ClaimResult:
+    if claim.arm not in groups or claim.reference not in groups:
+        nan = Estimate(0, math.nan, math.nan, math.nan, math.nan)
+        return ClaimResult(claim, nan, math.nan, math.nan, NOT_RUN, math.nan, None)
+    arm = {r.seed: r for r in groups[claim.arm]}
+    ref = {r.seed: r for r in groups[claim.reference]}
+    values = {s: value_of(r, claim.metric, claim.step) for s, r in arm.items()}
+    base = {s: value_of(r, claim.metric, claim.step) for s, r in ref.items()}
+    seeds = sorted(s for s in values.keys() & base.keys()
+                   if _finite(values[s]) and _finite(base[s]))
+    diff = mean_ci([values[s] - base[s] for s in seeds], level)
+    side = 1 if claim.expect == "higher" else -1
+    if diff.n < 2:
+        verdict = TOO_FEW
+    elif diff.excludes_zero:
+        verdict = REPRODUCED if diff.mean * side > 0 else OPPOSITE
+    else:
+        verdict = NOT_SHOWN
+    share = image_share(arm, ref, claim.metric, diff.sd) if claim.step is None else None
+    return ClaimResult(claim, diff, _mean(values, seeds), _mean(base, seeds), verdict,
+                       detectable_effect(diff.sd, diff.n, level), share)
+
+
+def _finite(value) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def _mean(values: dict, seeds: list) -> float:
+    return float(np.mean([values[s] for s in seeds])) if seeds else math.nan
+
+
+def judge_claims(claims: list[Claim], groups: dict[str, list[RunRecord]],
+                level: float = 0.95) -> list[ClaimResult]:
+    return [judge_claim(c, groups, level) for c in claims]
+
+
+def _f(x: Optional[float], signed: bool = False) -> str:
+    if x is None or not math.isfinite(x):
+        return "–"
+    return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str]:
+    """The claims table as markdown lines."""
+    pct = f"{level:.0%}"
+    lines = [f"Δ = arm − reference, paired by seed, mean ± half-width of its {pct} t-interval. "
+             f"Detectable: the smallest |Δ| this design finds with {POWER:.0%} power at "
+             f"{pct}. Image share: how much of the seed-to-seed spread of Δ the evaluation "
+             "set's size explains (– where no per-image scores exist).", "",
+             "| paper's claim | arm vs reference | metric | arm / reference | Δ ± CI | verdict "
+             "| detectable | image share |", "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        c = r.claim
+        metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "") + \
+            f" ({c.expect} expected)"
+        ci = "–" if r.diff.n < 2 else f"{_f(r.diff.mean, True)} ± {_f(r.diff.half_width)}"
+        row = [c.claim, f"`{c.arm}` vs `{c.reference}`", metric,
+               f"{_f(r.arm_mean)} / {_f(r.reference_mean)}", f"{ci} (n={r.diff.n})",
+               f"**{r.verdict}**", _f(r.detectable), _f(r.image_share)]
+        lines.append("| " + " | ".join(s.replace("|", "\\|") for s in row) + " |")
+    return lines
+
+
+def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
+    import csv
+
+    with Path(path).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["claim", "arm", "reference", "metric", "step", "expect", "pairs",
+                         "arm_mean", "reference_mean", "diff_mean", "diff_ci_low",
+                         "diff_ci_high", "verdict", "detectable", "image_share"])
+        for r in results:
+            c = r.claim
+            writer.writerow([c.claim, c.arm, c.reference, c.metric, c.step, c.expect, r.diff.n,
+                             r.arm_mean, r.reference_mean, r.diff.mean, r.diff.low, r.diff.high,
+                             r.verdict, r.detectable, "" if r.image_share is None
+                             else r.image_share])
