@@ -23,6 +23,7 @@ from cnexp.fileio import atomic_write_json
 RECORD_VERSION = 3
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
+ERROR_FILE = "error.txt"  # a failed run's traceback
 # status.json's `status`: running, then one of the others; what each exit code means: run.py
 STATUSES = ("running", "ok", "failed", "preempted", "interrupted")
 

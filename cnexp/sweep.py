@@ -2,11 +2,10 @@
 W&B names and tags, and a summary of failed jobs when a multirun ends.
 
 A job directory ends with `status.json` (cnexp.record.STATUSES: running, ok, failed, preempted,
-interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.compare` reads both.
+interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.analysis.compare` reads both.
 """
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import os
@@ -24,12 +23,12 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.fileio import atomic_write_json
-from cnexp.record import STATUS_FILE, STATUSES, RecordError
+from cnexp.overrides import NOT_KNOBS, knob_diff, swept_keys
+from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, RecordError
 from cnexp.record import read_status as read_status_strict
 
 log = logging.getLogger("cnexp")
 
-ERROR_FILE = "error.txt"
 WANDB_TAG_MAX = 64  # W&B rejects longer tags
 
 
@@ -112,32 +111,6 @@ def split_threads() -> Optional[int]:
     return threads
 
 
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        flat = {}
-        for key, value in node.items():
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        return flat
-    return {prefix[:-1]: node}
-
-
-# Keys that differ between any two runs without being an ablation knob.
-# ckpt_path says how a run was resumed, hydra.* where it ran: neither changes what it trains.
-NOT_KNOBS = ("ablation", "seed", "paths.", "logger.", "ckpt_path", "hydra.")
-
-
-def knob_diff(config: dict, baseline: dict) -> dict[str, Any]:
-    """Flattened keys whose value in `config` differs from `baseline` (a missing key: None)."""
-    flat, flat_base = _flatten(config), _flatten(baseline)
-    diff = {}
-    for key in sorted(flat.keys() | flat_base.keys()):
-        if key.startswith(NOT_KNOBS) or key in NOT_KNOBS:
-            continue
-        if flat.get(key) != flat_base.get(key):
-            diff[key] = flat.get(key)
-    return diff
-
-
 def _is_ablation_override(override: str) -> bool:
     return override.lstrip("+~").split("=", 1)[0] == "ablation"
 
@@ -176,28 +149,6 @@ def sweep_name() -> Optional[str]:
 NAMED_ELSEWHERE = ("ablation", "seed")
 KNOBS_MAX = 60
 UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
-
-
-def sweep_overrides(hydra: dict) -> list:
-    """The sweep overrides (command line and hydra.sweeper.params) of multirun.yaml's `hydra`
-    section, parsed by Hydra; raises what the parser raises."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    params = (hydra.get("sweeper") or {}).get("params") or {}
-    lines = [*(f"{k}={v}" for k, v in params.items()), *hydra["overrides"]["task"]]
-    return [o for o in OverridesParser.create().parse_overrides(lines) if o.is_sweep_override()]
-
-
-@functools.lru_cache(maxsize=8)
-def swept_keys(sweep_dir: str) -> Optional[frozenset]:
-    """Keys the multirun gives several values, read from the multirun.yaml Hydra's sweeper
-    writes before launching; None when it cannot be read."""
-    try:
-        hydra = OmegaConf.to_container(OmegaConf.load(Path(sweep_dir) / "multirun.yaml").hydra)
-        return frozenset(o.key_or_group for o in sweep_overrides(hydra))
-    except Exception as err:  # noqa: BLE001 - a name must not stop a job; fall back below
-        log.debug("could not read the swept keys of %s: %s", sweep_dir, err)
-        return None
 
 
 def knobs_suffix(task_overrides: list[str], swept: Optional[frozenset]) -> str:
@@ -266,6 +217,6 @@ class SweepSummary(Callback):
         for run_dir, status in stopped.items():
             log.warning("  %s at step %s: %s (resume: %s)", status["status"], status.get("step"),
                         run_dir.name, status.get("resume"))
-        log.info("compare the runs: python -m cnexp.compare %s", sweep_dir)
+        log.info("compare the runs: python -m cnexp.analysis.compare %s", sweep_dir)
         if failed or stopped:
             sys.exit(1)

@@ -1,6 +1,6 @@
 """The benchmark's bookkeeping (its timings are printed by `python -m cnexp.bench`, never asserted)."""
 
-from cnexp.bench import LEVERS, cnexp_cmd, peer_losses, summarize
+from cnexp.bench.tiny import LEVERS, cnexp_cmd, peer_losses, summarize
 
 
 def test_peer_losses_read_the_tqdm_postfix_only():

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from cnexp import flops
 from cnexp.base import load_base
-from cnexp.bench_sd import PEER, peak_memory, peer_losses_by_step
-from cnexp.sd_shapes import build_bundle, parameter_counts, scaled_configs
+from cnexp.bench.sd import PEER, peak_memory, peer_losses_by_step
+from cnexp.bench.sd_shapes import build_bundle, parameter_counts, scaled_configs
 from conftest import ROOT
 
 
@@ -91,7 +91,7 @@ def test_peak_wrapper_runs_the_script_as_main(tmp_path):
     script = tmp_path / "child.py"
     (tmp_path / "helper.py").write_text("VALUE = 7\n")
     script.write_text("import sys, helper\nprint(__name__, sys.argv[1:], helper.VALUE)\n")
-    out = subprocess.run([sys.executable, "-m", "cnexp.peak", str(script), "--x=1"], cwd=ROOT,
+    out = subprocess.run([sys.executable, "-m", "cnexp.bench.peak", str(script), "--x=1"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[0] == "__main__ ['--x=1'] 7"
     assert ("CNEXP_PEAK" in out) == torch.cuda.is_available()

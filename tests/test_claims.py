@@ -4,10 +4,10 @@ import math
 import pytest
 from scipy import stats
 
-from cnexp.claims import (NOT_RUN, NOT_SHOWN, OPPOSITE, REPRODUCED, Claim, ClaimsError,
+from cnexp.analysis.claims import (NOT_RUN, NOT_SHOWN, OPPOSITE, REPRODUCED, Claim, ClaimsError,
                           detectable_effect, judge_claim, load_claims)
-from cnexp.compare import main
-from cnexp.runs import OK, RunRecord
+from cnexp.analysis.compare import main
+from cnexp.analysis.runs import OK, RunRecord
 from test_compare import fake_run
 
 
@@ -102,3 +102,14 @@ def test_compare_puts_the_claims_table_first(tmp_path, capsys):
     bad.write_text("claims: 3")
     assert main([str(sweep), "--claims", str(bad), "--out", str(tmp_path / "out2")]) == 2
     assert "bad.yaml" in capsys.readouterr().err and not (tmp_path / "out2").exists()
+
+
+def test_the_analysis_program_imports_no_training_code():
+    """cnexp/analysis reads records only: a laptop without torch can compare a cluster's sweep."""
+    import subprocess
+    import sys
+
+    code = ("import sys, cnexp.analysis.compare; print(sorted(m for m in ('torch', 'lightning', "
+            "'diffusers', 'cnexp.train', 'cnexp.module', 'cnexp.sweep') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

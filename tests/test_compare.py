@@ -8,10 +8,10 @@ import pytest
 import yaml
 from PIL import Image
 
-from cnexp.compare import compare, main, select_runs, split_key, summarize
-from cnexp.plots import sudden_step
-from cnexp.runs import BROKEN, FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
-from cnexp.stats import mean_ci, paired_difference
+from cnexp.analysis.compare import compare, main, select_runs, split_key, summarize
+from cnexp.analysis.plots import sudden_step
+from cnexp.analysis.runs import BROKEN, FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
+from cnexp.analysis.stats import mean_ci, paired_difference
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (from a table)
 
@@ -193,14 +193,14 @@ def test_wandb_unreachable_is_one_clear_message(monkeypatch, capsys):
     def offline(path, group):
         raise ConnectionError("no route to host")
 
-    monkeypatch.setattr("cnexp.compare.load_wandb", offline)
+    monkeypatch.setattr("cnexp.analysis.compare.load_wandb", offline)
     assert main(["--wandb", "me/cnexp", "--group", "paper"]) == 2
     assert "wandb login" in capsys.readouterr().err
 
 
 def test_dynamics_table_reads_base_damage_and_sudden_convergence_per_seed():
-    from cnexp.compare import dynamics_rows
-    from cnexp.runs import RunRecord
+    from cnexp.analysis.compare import dynamics_rows
+    from cnexp.analysis.runs import RunRecord
 
     def run(seed, damage, cross):
         return RunRecord(name=f"x-s{seed}", ablation="no_zero_conv", seed=seed, status="ok",

@@ -299,7 +299,7 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
 
-    from cnexp.runs import JOB_DIR_NAME
+    from cnexp.analysis.runs import JOB_DIR_NAME
     from cnexp.sweep import wandb_identity
 
     def fake_train(cfg, signals=None):

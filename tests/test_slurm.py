@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from cnexp.compare import main as compare_main
+from cnexp.analysis.compare import main as compare_main
 from cnexp.localslurm import LocalSlurm, accounting_unavailable_reason, unavailable_reason
-from cnexp.runs import FAILED, OK, load_sweep
+from cnexp.analysis.runs import FAILED, OK, load_sweep
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 from conftest import ROOT, TINY
 from test_ddp import assert_ddp_matches_one_process

@@ -14,10 +14,11 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
-from cnexp.compare import main as compare_main
+from cnexp.analysis.compare import main as compare_main
 from cnexp.errors import CnexpError
-from cnexp.runs import FAILED, OK, load_sweep
-from cnexp.sweep import knob_diff, read_status, split_threads, wandb_identity
+from cnexp.analysis.runs import FAILED, OK, load_sweep
+from cnexp.overrides import knob_diff
+from cnexp.sweep import read_status, split_threads, wandb_identity
 from conftest import ROOT, TINY
 
 

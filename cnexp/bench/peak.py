@@ -1,4 +1,4 @@
-"""python -m cnexp.peak SCRIPT [ARGS...]: run SCRIPT as __main__, then print the device it ran
+"""python -m cnexp.bench.peak SCRIPT [ARGS...]: run SCRIPT as __main__, then print the device it ran
 on and its peak GPU memory (torch.cuda.max_memory_allocated), for the benchmark to read.
 
 The benchmark wraps both trainers (run.py and diffusers' train_controlnet.py) in it, so their

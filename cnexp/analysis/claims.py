@@ -1,7 +1,8 @@
 """The claims table: each of the paper's claims, the metric that tests it, the paired effect with
 its interval, a verdict, and the smallest effect the design could have detected.
 
-A claims file (YAML) names what to test; `python -m cnexp.compare <sweep> --claims FILE` reads it:
+A claims file (YAML) names what to test; `python -m cnexp.analysis.compare <sweep> --claims FILE`
+reads it:
 
     reference: baseline                 # default reference arm for every claim
     claims:
@@ -32,8 +33,8 @@ import yaml
 from scipy import stats
 
 from cnexp.errors import CnexpError
-from cnexp.runs import RunRecord
-from cnexp.stats import Estimate, mean_ci
+from cnexp.analysis.runs import RunRecord
+from cnexp.analysis.stats import Estimate, mean_ci
 
 EXPECT = ("higher", "lower")
 POWER = 0.8
@@ -74,7 +75,8 @@ def load_claims(path: Path) -> list[Claim]:
     except (OSError, yaml.YAMLError) as err:
         raise ClaimsError(f"{path}: cannot be read as YAML ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("claims"), list):
-        raise ClaimsError(f"{path}: needs a top-level 'claims:' list (see cnexp/claims.py)")
+        raise ClaimsError(f"{path}: needs a top-level 'claims:' list (see "
+                          "cnexp/analysis/claims.py)")
     reference = data.get("reference", "baseline")
     allowed = {f.name for f in fields(Claim)}
     claims = []

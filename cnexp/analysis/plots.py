@@ -12,7 +12,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from cnexp.runs import RunRecord  # noqa: E402
+from cnexp.analysis.runs import RunRecord  # noqa: E402
 
 
 def sudden_step(entry: Any, key: str) -> Optional[float]:
@@ -84,7 +84,7 @@ def setting_bars(cells: dict[str, dict[str, Any]], metric: str, path: Path,
                  lower_is_better: bool = False) -> Optional[Path]:
     """Grouped bars: x = prompt setting, one bar per ablation (mean, 95% CI), dots = seeds.
 
-    cells: label -> setting -> object with .estimate (cnexp.stats.Estimate) and .values."""
+    cells: label -> setting -> object with .estimate (cnexp.analysis.stats.Estimate) and .values."""
     labels = list(cells)
     settings = list(dict.fromkeys(s for per_label in cells.values() for s in per_label))
     if not labels or not settings:
@@ -157,9 +157,9 @@ VERDICT_COLOURS = {"reproduced": "tab:green", "opposite": "tab:red", "not shown"
 
 
 def claims_forest(results: list, path: Path) -> Optional[Path]:
-    """One row per claim (cnexp/claims.py ClaimResult): the paired difference and its interval
-    on the claim's own scale, the zero line, and the detectable effect on the paper's side
-    (dashed); green reproduced, red opposite, grey not shown."""
+    """One row per claim (cnexp/analysis/claims.py ClaimResult): the paired difference and its
+    interval on the claim's own scale, the zero line, and the detectable effect on the paper's
+    side (dashed); green reproduced, red opposite, grey not shown."""
     rows = [r for r in results if r.diff.n >= 2]
     if not rows:
         return None

@@ -1,7 +1,7 @@
 """Training throughput: cnexp side by side with diffusers' examples/controlnet/train_controlnet.py.
 
     python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers compile,unfused,workers] [--default-run]
-    python -m cnexp.bench --sd 15 [--width 1.0] [--resolution 512] [--batch 8] ...   (bench_sd.py)
+    python -m cnexp.bench --sd 15 [--width 1.0] [--resolution 512] [--batch 8] ...   (sd.py)
 
 Both trainers get the same tiny-world base, the same 256 training triples (64 px), batch size,
 fp32, AdamW (lr 1e-3), and the same ControlNet architecture. Each is run as a subprocess for
@@ -141,7 +141,7 @@ def main() -> None:
         if not script.exists():
             sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
     if args.sd:
-        from cnexp.bench_sd import run_sd, write_json
+        from cnexp.bench.sd import run_sd, write_json
 
         rows, setup = run_sd(args, work, env)
         if args.json:

@@ -17,9 +17,9 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from cnexp.record import (METRICS_FILE, STATUS_FILE, RecordError, RunMetrics, read_metrics,
-                          read_status)
-from cnexp.sweep import ERROR_FILE, NOT_KNOBS, sweep_overrides
+from cnexp.overrides import NOT_KNOBS, sweep_overrides
+from cnexp.record import (ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError, RunMetrics,
+                          read_metrics, read_status)
 
 # broken: a record that is not what a run writes (truncated, edited, another program's file)
 OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"

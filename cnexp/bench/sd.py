@@ -1,13 +1,13 @@
 """The benchmark's SD-shaped mode (`python -m cnexp.bench --sd 15`): no weights needed.
 
-A random SD 1.5- (or 2.1-) shaped bundle from the published configs (cnexp.sd_shapes; `--width`
+A random SD 1.5- (or 2.1-) shaped bundle from the published configs (cnexp.bench.sd_shapes; `--width`
 shrinks the channels for a CPU), fill50k-layout triples at the chosen resolution, and cnexp's
 variants side by side with diffusers' train_controlnet.py (`--diffusers-src`), each a child
 process timed as the tiny-world bench does (bench.measure). On a GPU both train in bf16 mixed
 precision with the frozen base stored in bf16; on a CPU in fp32. Reported per trainer: s/step,
-images/s, ratio to the peer, peak memory (GPU: torch.cuda.max_memory_allocated via cnexp.peak;
+images/s, ratio to the peer, peak memory (GPU: torch.cuda.max_memory_allocated via cnexp.bench.peak;
 CPU: peak RSS), start-up, the mean loss over the same timed steps, FLOPs/step and MFU
-(cnexp.flops says what is counted).
+(cnexp.bench.flops says what is counted).
 """
 from __future__ import annotations
 
@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 
-from cnexp import flops
-from cnexp.bench import LEVERS, LR, _run, cnexp_losses, measure, prepare_peer_inputs, \
+from cnexp.bench import flops
+from cnexp.bench.tiny import LEVERS, LR, _run, cnexp_losses, measure, prepare_peer_inputs, \
     run_directory
-from cnexp.sd_shapes import SHAPES, build_bundle, parameter_counts, scaled_configs, write_triples
+from cnexp.bench.sd_shapes import (SHAPES, build_bundle, parameter_counts, scaled_configs,
+                                   write_triples)
 
 PEER = "diffusers train_controlnet.py"
 N_EVAL = 8  # validation/test triples (evaluation is off; the data module wants them)
@@ -32,7 +33,7 @@ PEAK = re.compile(r"CNEXP_PEAK device='([^']*)' gpu_bytes=(\d+)")
 
 
 def cnexp_sd_cmd(steps: int, out: Path, setup: dict, cache: bool, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cnexp.peak", "run.py", f"hydra.run.dir={out}",
+    return [sys.executable, "-m", "cnexp.bench.peak", "run.py", f"hydra.run.dir={out}",
             f"base=sd{setup['version']}", f"base.pretrained={setup['bundle']}", "data=fill50k",
             f"data.root={setup['data']}", f"data.resolution={setup['resolution']}",
             f"data.batch_size={setup['batch']}", f"data.eval_size={N_EVAL}",
@@ -47,7 +48,7 @@ def cnexp_sd_cmd(steps: int, out: Path, setup: dict, cache: bool, *extra: str) -
 
 def peer_sd_cmd(script: Path, steps: int, out: Path, setup: dict) -> list[str]:
     report = "tensorboard" if importlib.util.find_spec("tensorboard") else "wandb"
-    return [sys.executable, "-m", "cnexp.peak", str(script),
+    return [sys.executable, "-m", "cnexp.bench.peak", str(script),
             f"--pretrained_model_name_or_path={setup['bundle']}",
             f"--controlnet_model_name_or_path={setup['controlnet']}", f"--output_dir={out}",
             f"--train_data_dir={setup['parquet']}", "--image_column=image",

@@ -1,0 +1,3 @@
+from cnexp.bench.tiny import main
+
+main()
