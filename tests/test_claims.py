@@ -5,7 +5,7 @@ import pytest
 from scipy import stats
 
 from cnexp.analysis.claims import (NOT_RUN, NOT_SHOWN, OPPOSITE, REPRODUCED, Claim, ClaimsError,
-                          detectable_effect, judge_claim, load_claims)
+                          detectable_effect, judge_claim, load_claims, seeds_needed)
 from cnexp.analysis.compare import main
 from cnexp.analysis.runs import OK, RunRecord
 from test_compare import fake_run
@@ -41,8 +41,11 @@ def test_detectable_effect_is_the_t_test_power_formula():
     expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(n)
     assert detectable_effect(sd, n) == pytest.approx(expected)
     assert math.isnan(detectable_effect(sd, 1))
-    # more seeds, smaller detectable effect
+    # more seeds, smaller detectable effect; the seeds a measured effect needs
     assert detectable_effect(sd, 10) < detectable_effect(sd, 5)
+    needed = seeds_needed(sd, 0.03)
+    assert detectable_effect(sd, needed) <= 0.03 < detectable_effect(sd, needed - 1)
+    assert seeds_needed(sd, 0.0) is None
 
 
 def test_a_claim_at_a_step_reads_the_history_not_the_end():

@@ -65,6 +65,7 @@ class ClaimResult:
     verdict: str
     detectable: float  # smallest |difference| found with 80% power (NaN below 2 pairs)
     image_share: Optional[float]  # share of the differences' variance from the image sample
+    seeds_needed: Optional[int] = None  # seeds that would find the measured Δ with 80% power
 
 
 def load_claims(path: Path) -> list[Claim]:
@@ -115,6 +116,15 @@ def detectable_effect(sd: float, pairs: int, level: float = 0.95, power: float =
                  / math.sqrt(pairs))
 
 
+def seeds_needed(sd: float, effect: float, level: float = 0.95, power: float = POWER,
+                 most: int = 1000) -> Optional[int]:
+    """The fewest seeds whose detectable effect is at most |effect| (None past `most`)."""
+    if not (math.isfinite(sd) and math.isfinite(effect)) or effect == 0:
+        return None
+    return next((k for k in range(2, most + 1)
+                 if detectable_effect(sd, k, level, power) <= abs(effect)), None)
+
+
 def image_share(arm: dict[int, RunRecord], ref: dict[int, RunRecord], metric: str,
                 sd: float) -> Optional[float]:
     """Share of the seed-to-seed variance of the paired differences that the evaluation set's
@@ -154,7 +164,8 @@ def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
         verdict = NOT_SHOWN
     share = image_share(arm, ref, claim.metric, diff.sd) if claim.step is None else None
     return ClaimResult(claim, diff, _mean(values, seeds), _mean(base, seeds), verdict,
-                       detectable_effect(diff.sd, diff.n, level), share)
+                       detectable_effect(diff.sd, diff.n, level), share,
+                       seeds_needed(diff.sd, diff.mean, level))
 
 
 def _finite(value) -> bool:
@@ -181,10 +192,11 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
     pct = f"{level:.0%}"
     lines = [f"Δ = arm − reference, paired by seed, mean ± half-width of its {pct} t-interval. "
              f"Detectable: the smallest |Δ| this design finds with {POWER:.0%} power at "
-             f"{pct}. Image share: how much of the seed-to-seed spread of Δ the evaluation "
-             "set's size explains (– where no per-image scores exist).", "",
+             f"{pct}. Seeds for Δ: how many seeds would find the measured Δ with that power. "
+             "Image share: how much of the seed-to-seed spread of Δ the evaluation set's size "
+             "explains (– where no per-image scores exist).", "",
              "| paper's claim | arm vs reference | metric | arm / reference | Δ ± CI | verdict "
-             "| detectable | image share |", "|---|---|---|---|---|---|---|---|"]
+             "| detectable | seeds for Δ | image share |", "|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.claim
         metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "") + \
@@ -192,7 +204,8 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
         ci = "–" if r.diff.n < 2 else f"{_f(r.diff.mean, True)} ± {_f(r.diff.half_width)}"
         row = [c.claim, f"`{c.arm}` vs `{c.reference}`", metric,
                f"{_f(r.arm_mean)} / {_f(r.reference_mean)}", f"{ci} (n={r.diff.n})",
-               f"**{r.verdict}**", _f(r.detectable), _f(r.image_share)]
+               f"**{r.verdict}**", _f(r.detectable),
+               "–" if r.seeds_needed is None else str(r.seeds_needed), _f(r.image_share)]
         lines.append("| " + " | ".join(s.replace("|", "\\|") for s in row) + " |")
     return lines
 
@@ -204,10 +217,11 @@ def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
         writer = csv.writer(f)
         writer.writerow(["claim", "arm", "reference", "metric", "step", "expect", "pairs",
                          "arm_mean", "reference_mean", "diff_mean", "diff_ci_low",
-                         "diff_ci_high", "verdict", "detectable", "image_share"])
+                         "diff_ci_high", "verdict", "detectable", "seeds_needed",
+                         "image_share"])
         for r in results:
             c = r.claim
             writer.writerow([c.claim, c.arm, c.reference, c.metric, c.step, c.expect, r.diff.n,
                              r.arm_mean, r.reference_mean, r.diff.mean, r.diff.low, r.diff.high,
-                             r.verdict, r.detectable, "" if r.image_share is None
-                             else r.image_share])
+                             r.verdict, r.detectable, r.seeds_needed or "",
+                             "" if r.image_share is None else r.image_share])
