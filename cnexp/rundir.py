@@ -5,6 +5,8 @@ a job's directory: it takes an exclusive lock on `<run dir>/run.lock` for the li
 and refuses a fresh run in a directory that already holds one, so a second process can never mix
 its files with the first's. The kernel drops the lock when its process dies however it dies; the
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
+A resume must train what the run trained: one with other knobs than the run's own
+(`.hydra/config.yaml`, read before Hydra rewrites it) is refused, naming them.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
+from cnexp.overrides import flatten, knob_diff
 from cnexp.record import METRICS_FILE
 from cnexp.sweep import is_rank_zero
 
@@ -31,6 +34,8 @@ log = logging.getLogger("cnexp")
 LOCK_FILE = "run.lock"
 LAST = Path("checkpoints") / "last.ckpt"
 RESUME_HINT = "ckpt_path=last (or ckpt_path=auto: resume if there is a checkpoint)"
+# what a resume may change: how long it trains and what it shows, not what a step computes
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "data.num_workers")
 
 
 class RunDirError(CnexpError):
@@ -125,6 +130,21 @@ def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
         "resume only when a checkpoint exists, or leave ckpt_path out to start fresh")
 
 
+def changed_knobs(run_dir: Path, config: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """knob -> (the run's value, this resume's) for every knob a resume may not change; knobs
+    the run's config does not have (added to cnexp since) keep their defaults and pass."""
+    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    if not saved.exists():
+        return {}
+    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
+    now = OmegaConf.to_container(config, resolve=False)
+    now.pop("hydra", None)
+    flat_before, flat_now = flatten(before), flatten(now)
+    keys = [k for k in knob_diff(now, before) if k in flat_before and k not in RESUME_MAY_CHANGE]
+    keys += [k for k in ("ablation", "seed") if before.get(k) != now.get(k)]
+    return {k: (flat_before.get(k), flat_now.get(k)) for k in keys}
+
+
 class RunDirGuard(Callback):
     """Lock the job's directory before Hydra writes into it; refuse to start a fresh run over
     an earlier one. Exits with code 2 and one message, like run.py for every user error."""
@@ -144,6 +164,14 @@ class RunDirGuard(Callback):
                     f"run directory {run_dir} already holds a run ({earlier}): resume it with "
                     f"{RESUME_HINT}, or start this run in a new directory (leave hydra.run.dir "
                     "out, or python run.py hydra.run.dir=...)")
+            changed = changed_knobs(run_dir, config) if earlier else {}
+            if changed:
+                listed = ", ".join(f"{k}={new} (the run has {old})"
+                                   for k, (old, new) in changed.items())
+                raise RunDirError(
+                    f"resuming {run_dir} with other knobs than it trained with: {listed}. A "
+                    "resumed run must compute what it started computing: drop those overrides, "
+                    "or start a new run with them (leave hydra.run.dir out)")
         except RunDirError as err:
             print(err, file=sys.stderr)
             sys.exit(2)

@@ -221,9 +221,27 @@ def test_one_run_per_directory(tmp_path, straight):
     assert again.returncode == 2 and "already holds a run" in again.stderr
     # ... and a stale lock (a dead holder) is taken over with a warning
     (out / "run.lock").write_text(json.dumps({"pid": 999999, "host": "gone", "since": "then"}))
-    resumed = finish(start(out, data, "ckpt_path=last", "trainer.max_steps=14",
-                           "eval.enabled=false"))
+    resumed = finish(start(out, data, "ckpt_path=last", "trainer.max_steps=14"))
     assert "taking over the lock of a run that is gone (pid 999999 on gone" in resumed
+
+
+@pytest.mark.slow
+def test_a_resume_with_other_knobs_is_refused_and_changes_nothing(tmp_path, straight):
+    _, data = straight
+    out = tmp_path / "run"
+    finish(start(out, data, "trainer.max_steps=4", "eval.enabled=false"))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    refused = run_now(out, data, "ckpt_path=last", "trainer.max_steps=4", "eval.enabled=false",
+                      "optim.lr=0.01", "+ablation=lightweight")
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    said = refused.stderr
+    assert f"resuming {out} with other knobs" in said and "optim.lr=0.01 (the run has" in said
+    assert "control.branch=lite (the run has copy)" in said and "ablation=lightweight" in said
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert after == before  # the run's record and checkpoints are untouched
+    # training longer is a resume, not another run
+    finish(start(out, data, "ckpt_path=last", "trainer.max_steps=6", "eval.enabled=false"))
+    assert json.loads((out / "metrics.json").read_text())["steps"] == 6
 
 
 @pytest.mark.slow
