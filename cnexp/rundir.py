@@ -1,12 +1,13 @@
 """One run per run directory, and what `ckpt_path` resumes from.
 
-`RunDirGuard` (a Hydra callback, conf/hydra/default.yaml) runs before Hydra writes anything into
-a job's directory: it takes an exclusive lock on `<run dir>/run.lock` for the life of the process
+`RunDirGuard` (a Hydra callback, conf/hydra/default.yaml) runs before the job writes anything into
+its directory (Hydra has only saved `.hydra/`): it takes an exclusive lock on `<run dir>/run.lock` for the life of the process
 and refuses a fresh run in a directory that already holds one, so a second process can never mix
 its files with the first's. The kernel drops the lock when its process dies however it dies; the
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
-A resume must train what the run trained: one with other knobs than the run's own
-(`.hydra/config.yaml`, read before Hydra rewrites it) is refused, naming them.
+A resume must train what the run trained. Hydra rewrites `.hydra/` at every start, so a fresh run
+keeps a copy as `.hydra_at_start/`; a resume with other knobs than those is refused, naming
+them, and a refused start puts the run's `.hydra/` back (compare reads its labels there).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
+from cnexp.fileio import atomic_write
 from cnexp.overrides import flatten, knob_diff
 from cnexp.record import METRICS_FILE
 from cnexp.sweep import is_rank_zero
@@ -32,6 +34,7 @@ from cnexp.sweep import is_rank_zero
 log = logging.getLogger("cnexp")
 
 LOCK_FILE = "run.lock"
+HYDRA_AT_START = ".hydra_at_start"
 LAST = Path("checkpoints") / "last.ckpt"
 RESUME_HINT = "ckpt_path=last (or ckpt_path=auto: resume if there is a checkpoint)"
 # what a resume may change: how long it trains and what it shows, not what a step computes
@@ -133,16 +136,44 @@ def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
 def changed_knobs(run_dir: Path, config: DictConfig) -> dict[str, tuple[Any, Any]]:
     """knob -> (the run's value, this resume's) for every knob a resume may not change; knobs
     the run's config does not have (added to cnexp since) keep their defaults and pass."""
-    saved = Path(run_dir) / ".hydra" / "config.yaml"
+    saved = Path(run_dir) / HYDRA_AT_START / "config.yaml"
     if not saved.exists():
         return {}
     before = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    now = OmegaConf.to_container(config, resolve=False)
-    now.pop("hydra", None)
+    now = _task_config(config)
     flat_before, flat_now = flatten(before), flatten(now)
     keys = [k for k in knob_diff(now, before) if k in flat_before and k not in RESUME_MAY_CHANGE]
     keys += [k for k in ("ablation", "seed") if before.get(k) != now.get(k)]
     return {k: (flat_before.get(k), flat_now.get(k)) for k in keys}
+
+
+def _hydra_dir(run_dir: Path, config: DictConfig) -> Optional[Path]:
+    subdir = OmegaConf.select(config, "hydra.output_subdir")
+    return Path(run_dir) / subdir if subdir else None
+
+
+def keep_hydra_files(run_dir: Path, config: DictConfig) -> None:
+    """Copy the fresh run's .hydra/*.yaml to .hydra_at_start/ (what it started with)."""
+    source = _hydra_dir(run_dir, config)
+    if source is None or not source.is_dir():
+        return
+    for path in source.glob("*.yaml"):
+        atomic_write(Path(run_dir) / HYDRA_AT_START / path.name, path.read_bytes())
+
+
+def restore_hydra_files(run_dir: Path, config: DictConfig) -> None:
+    """Undo what Hydra wrote into .hydra/ for a start that was refused."""
+    target = _hydra_dir(run_dir, config)
+    if target is None:
+        return
+    for path in (Path(run_dir) / HYDRA_AT_START).glob("*.yaml"):
+        atomic_write(target / path.name, path.read_bytes())
+
+
+def _task_config(config: DictConfig) -> dict:
+    task = OmegaConf.to_container(config, resolve=False)
+    task.pop("hydra", None)
+    return task
 
 
 class RunDirGuard(Callback):
@@ -164,6 +195,8 @@ class RunDirGuard(Callback):
                     f"run directory {run_dir} already holds a run ({earlier}): resume it with "
                     f"{RESUME_HINT}, or start this run in a new directory (leave hydra.run.dir "
                     "out, or python run.py hydra.run.dir=...)")
+            if not earlier:
+                keep_hydra_files(run_dir, config)
             changed = changed_knobs(run_dir, config) if earlier else {}
             if changed:
                 listed = ", ".join(f"{k}={new} (the run has {old})"
@@ -173,6 +206,7 @@ class RunDirGuard(Callback):
                     "resumed run must compute what it started computing: drop those overrides, "
                     "or start a new run with them (leave hydra.run.dir out)")
         except RunDirError as err:
+            restore_hydra_files(run_dir, config)
             print(err, file=sys.stderr)
             sys.exit(2)
 

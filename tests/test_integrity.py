@@ -210,12 +210,14 @@ def test_one_run_per_directory(tmp_path, straight):
     _, data = straight
     out = tmp_path / "run"
     first = start_until(out, data, 4, "trainer.max_steps=100000", log=tmp_path / "log.txt")
-    second = run_now(out, data)
+    overrides = (out / ".hydra" / "overrides.yaml").read_text()
+    second = run_now(out, data, "optim.lr=0.5")
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=300)
     assert second.returncode == 2, second.stderr[-2000:]
     assert f"run directory {out} is in use by another run (pid {first.pid}" in second.stderr
     assert json.loads((out / "status.json").read_text())["pid"] == first.pid  # untouched
+    assert (out / ".hydra" / "overrides.yaml").read_text() == overrides  # put back
     # the first run is gone: its directory holds a run, so a fresh start there is refused...
     again = run_now(out, data)
     assert again.returncode == 2 and "already holds a run" in again.stderr
