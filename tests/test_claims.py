@@ -68,9 +68,18 @@ def test_image_share_is_the_image_variance_over_the_seed_variance():
          "arm": [run("arm", s, {key: sum(im) / 4}, images={key: im})
                  for s, im in enumerate(images_arm)]}
     result = judge_claim(claim(), g)
-    diffs = [[a - b for a, b in zip(im, images_base)] for im in images_arm]
-    image_var = sum(stats.tvar(d) / 4 for d in diffs) / 3
-    assert result.image_share == pytest.approx(min(1.0, image_var / result.diff.sd ** 2))
+    d = [[a - b for a, b in zip(im, images_base)] for im in images_arm]  # 3 seeds x 4 images
+    seed_mean = [sum(row) / 4 for row in d]
+    image_mean = [sum(d[s][i] for s in range(3)) / 3 for i in range(4)]
+    grand = sum(seed_mean) / 3
+    interaction = sum((d[s][i] - seed_mean[s] - image_mean[i] + grand) ** 2
+                      for s in range(3) for i in range(4)) / (2 * 3)
+    assert result.image_share == pytest.approx(min(1.0, interaction / 4 / result.diff.sd ** 2))
+    # the same image differences in every seed: no image-level noise between seeds
+    same = {"baseline": g["baseline"],
+            "arm": [run("arm", s, {key: 0.25 + s / 10}, images={key: images_arm[0]})
+                    for s in range(3)]}
+    assert judge_claim(claim(), same).image_share == pytest.approx(0.0)
 
 
 @pytest.mark.parametrize("text, field", [

@@ -17,9 +17,12 @@ Verdicts: `reproduced` (the paired interval excludes 0 on the paper's side), `op
 excludes 0 on the other side), `not shown` (it includes 0; the detectable column then says how
 large an effect the design would have caught). The detectable effect is the paired difference
 that a two-sided t-test at the report's level finds with 80% power, from the measured
-seed-to-seed spread of the differences. The image share is how much of that spread the finite
-evaluation set explains (each image's paired difference, from metrics.json's final_images):
-near 1, more images would sharpen the test; near 0, only more seeds would.
+seed-to-seed spread of the differences. Every run samples the same images from the same noise,
+so the intervals are about training (seeds), given this evaluation set. The image share is how
+much of the seed-to-seed spread is image-level noise that averaging over more images would
+remove: with d[s, i] the paired difference on image i for seed s (metrics.json's final_images),
+the seed x image interaction mean square over n images, divided by the spread. Near 1, more
+images would sharpen the test; near 0, only more seeds would.
 """
 from __future__ import annotations
 
@@ -127,20 +130,24 @@ def seeds_needed(sd: float, effect: float, level: float = 0.95, power: float = P
 
 def image_share(arm: dict[int, RunRecord], ref: dict[int, RunRecord], metric: str,
                 sd: float) -> Optional[float]:
-    """Share of the seed-to-seed variance of the paired differences that the evaluation set's
-    size explains: mean over seeds of var_i(image differences) / n_images, over sd^2."""
-    per_seed = []
-    for seed in arm.keys() & ref.keys():
+    """Share of the seed-to-seed variance of the paired differences (sd^2) that is image-level
+    noise: the seed x image interaction mean square of d[s, i] over the number of images (the
+    part of var(mean_i d[s, i]) that more images would average away)."""
+    rows = []
+    for seed in sorted(arm.keys() & ref.keys()):
         a, b = arm[seed].images.get(metric), ref[seed].images.get(metric)
-        if not a or not b or len(a) != len(b):
-            continue
-        d = np.asarray(a, float) - np.asarray(b, float)
-        d = d[np.isfinite(d)]
-        if len(d) >= 2:
-            per_seed.append(d.var(ddof=1) / len(d))
-    if not per_seed or not math.isfinite(sd) or sd <= 0:
+        if a and b and len(a) == len(b):
+            rows.append(np.asarray(a, float) - np.asarray(b, float))
+    if len(rows) < 2 or len({len(r) for r in rows}) != 1 or not math.isfinite(sd) or sd <= 0:
         return None
-    return float(min(1.0, np.mean(per_seed) / sd ** 2))
+    d = np.stack(rows)
+    d = d[:, np.isfinite(d).all(axis=0)]  # images every seed scored
+    seeds, images = d.shape
+    if images < 2:
+        return None
+    residual = d - d.mean(axis=1, keepdims=True) - d.mean(axis=0, keepdims=True) + d.mean()
+    interaction = (residual ** 2).sum() / ((seeds - 1) * (images - 1))
+    return float(min(1.0, interaction / images / sd ** 2))
 
 
 def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
