@@ -1,8 +1,8 @@
 """One run per run directory, and what `ckpt_path` resumes from.
 
 `RunDirGuard` (a Hydra callback, conf/hydra/default.yaml) runs before the job writes anything into
-its directory (Hydra has only saved `.hydra/`): it takes an exclusive lock on `<run dir>/run.lock` for the life of the process
-and refuses a fresh run in a directory that already holds one, so a second process can never mix
+its directory (Hydra has only saved `.hydra/`): it takes an exclusive lock on `<run dir>/run.lock`
+for the life of the process and refuses a fresh run in a directory that already holds one, so a second process can never mix
 its files with the first's. The kernel drops the lock when its process dies however it dies; the
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
 A resume must train what the run trained. Hydra rewrites `.hydra/` at every start, so a fresh run

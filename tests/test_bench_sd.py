@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from cnexp import flops
+from cnexp.bench import flops
 from cnexp.base import load_base
 from cnexp.bench.sd import PEER, peak_memory, peer_losses_by_step
 from cnexp.bench.sd_shapes import build_bundle, parameter_counts, scaled_configs

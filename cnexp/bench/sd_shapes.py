@@ -19,7 +19,7 @@ from diffusers import (AutoencoderKL, DDPMScheduler, StableDiffusionPipeline,
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GROUPS = 32  # norm_num_groups of the UNet and the VAE
 
 _UNET_15 = dict(

@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BATCH, LR, N_TRAIN = 16, 1e-3, 256
 LEVERS = {"compile": "trainer.compile=true", "workers": "data.num_workers=2",
           # the defaults, taken back one at a time

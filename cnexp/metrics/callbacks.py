@@ -2,8 +2,9 @@
 
 Two kinds of evaluation, both on the data module's fixed evaluation set with fixed sampler seeds
 (image i always starts from the noise of seed + i), so runs, seeds and ablations are paired:
-- full (step 0 unless eval.full_at_start=false, every eval.full_every_n_steps, the end): every prompt setting of the paper,
-  each scored for control fidelity, CLIP score and FID -> eval/<setting>/<metric>, plus the
+- full (step 0 unless eval.full_at_start=false, every eval.full_every_n_steps, the end): every
+  prompt setting of the paper, each scored for control fidelity, CLIP score and FID ->
+  eval/<setting>/<metric>, plus the
   perfect prompt's values as the headline eval/<metric>, and one grid PNG per setting;
 - curve (every eval.every_n_steps, and at each full evaluation): control fidelity of the first
   eval.curve_images samples under the perfect prompt -> eval/curve/<metric>; the curve that
