@@ -33,7 +33,7 @@ SETTING_ORDER = ("curve", "default", "none", "insufficient", "conflicting", "per
 # eval/<metric> ("default"): the headline copy of one setting. Neither goes in the final tables
 # when per-setting keys exist (cnexp/metrics/callbacks.py).
 CURVE_ONLY = "curve"
-LOWER_IS_BETTER = ("fid", "kid", "rmse", "loss", "lpips", "mse")
+LOWER_IS_BETTER = ("fid", "kid", "rmse", "loss", "lpips", "mse", "drift")  # drift: from the base
 
 
 @dataclass
