@@ -61,6 +61,10 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     if out_dir.resolve() == run_dir.resolve():
         raise CnexpError(f"--out must not be the run itself ({run_dir}): its record stays as is")
     start = time.perf_counter()
+    # metrics.json is what marks a record complete (compare, find_run_dirs): an earlier
+    # evaluation's goes first and the new one is written last, so an interrupted evaluation
+    # leaves an incomplete record, never old numbers beside new settings
+    (out_dir / METRICS_FILE).unlink(missing_ok=True)
     changes = OmegaConf.from_dotlist(overrides)
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig),
                           OmegaConf.load(run_dir / "config.yaml"), changes)
@@ -82,18 +86,19 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     with torch.no_grad():
         row = {"step": record.steps, **evaluation.evaluate(trainer, module, full=True)}
     history = [r for r in record.history if r["step"] != record.steps] + [row]
-    write_metrics(out_dir, replace(record, history=history, final=row,
-                                   final_images=evaluation.final_images))
-    _copy_config(run_dir, out_dir, overrides, changes)
+    _copy_config(run_dir, out_dir, changes)
+    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
     status = json.loads((run_dir / STATUS_FILE).read_text())
     atomic_write_json(out_dir / STATUS_FILE, {
         **status, "evaluated_from": str(run_dir), "evaluation_overrides": overrides,
         "evaluation_seconds": round(time.perf_counter() - start, 1)})
+    write_metrics(out_dir, replace(record, history=history, final=row,
+                                   final_images=evaluation.final_images))
     return row
 
 
-def _copy_config(run_dir: Path, out_dir: Path, overrides: list[str], changes) -> None:
-    """.hydra/ and config.yaml of the run, with the evaluation overrides applied."""
+def _copy_config(run_dir: Path, out_dir: Path, changes) -> None:
+    """The run's .hydra/ (what compare reads labels and knobs from), overrides applied."""
     hydra_dir = out_dir / ".hydra"
     hydra_dir.mkdir(parents=True, exist_ok=True)
     for name in ("hydra.yaml", "overrides.yaml"):
@@ -102,8 +107,6 @@ def _copy_config(run_dir: Path, out_dir: Path, overrides: list[str], changes) ->
     if (run_dir / ".hydra" / "config.yaml").exists():
         config = OmegaConf.merge(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), changes)
         atomic_write(hydra_dir / "config.yaml", OmegaConf.to_yaml(config))
-    resolved = OmegaConf.merge(OmegaConf.load(run_dir / "config.yaml"), changes)
-    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(resolved))
 
 
 def main(argv: list[str] | None = None) -> int:

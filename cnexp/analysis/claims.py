@@ -26,6 +26,7 @@ images would sharpen the test; near 0, only more seeds would.
 """
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -218,8 +219,6 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
 
 
 def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
-    import csv
-
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["claim", "arm", "reference", "metric", "step", "expect", "pairs",
