@@ -2,6 +2,7 @@
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,8 @@ from PIL import Image
 
 from cnexp.analysis.compare import compare, main, select_runs, split_key, summarize
 from cnexp.analysis.plots import sudden_step
-from cnexp.analysis.runs import BROKEN, FAILED, INCOMPLETE, MISSING, OK, RunRecord, load_sweep, load_wandb
+from cnexp.analysis.runs import (BROKEN, DUPLICATE, FAILED, INCOMPLETE, MISSING, OK, UNREADABLE,
+                                 RunRecord, load_sweep, load_wandb)
 from cnexp.analysis.stats import mean_ci, paired_difference
 
 T_975_DF2 = 4.302652729911275  # Student t, 97.5% quantile, 2 degrees of freedom (from a table)
@@ -261,3 +263,67 @@ def test_a_resumed_run_stays_in_its_ablation_group(sweep):
     records = [r for r in load_sweep(sweep) if r.status == OK]
     assert {r.label for r in records} == {"baseline", "lite"}
     assert len(select_runs(records)["baseline"]) == 3
+
+
+@pytest.mark.parametrize("value, said", [(math.nan, "= nan"), (math.inf, "= inf"),
+                                         (None, "= null")])
+def test_a_non_finite_final_metric_fails_its_run_with_the_reason(sweep, tmp_path_factory,
+                                                                 value, said):
+    bad = fake_run(sweep, 22, "lite", 3, {"eval/perfect/shape_iou": 0.5,
+                                          "eval/none/shape_iou": 0.4})
+    record = json.loads((bad / "metrics.json").read_text())
+    record["final"]["eval/none/shape_iou"] = value  # json writes NaN / Infinity / null
+    (bad / "metrics.json").write_text(json.dumps(record))
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    rows = {r["run"]: r for r in csv.DictReader((out / "runs.csv").open())}
+    assert rows[bad.name]["status"] == FAILED
+    assert f"non-finite eval/none/shape_iou {said}" in rows[bad.name]["error"]
+    report = (out / "report.md").read_text()
+    assert f"non-finite eval/none/shape_iou {said}" in report.split("## Runs not in the tables")[1]
+    table = summarize(select_runs(load_sweep(sweep)))
+    assert table["shape_iou"]["lite"]["none"].estimate.n == 3  # seeds 0-2; not the failed one
+
+
+def test_a_run_without_its_config_is_unreadable_not_a_group(sweep, tmp_path_factory):
+    for run in sweep.iterdir():  # every job had one more override in common
+        overrides = run / ".hydra" / "overrides.yaml"
+        overrides.write_text(yaml.safe_dump(yaml.safe_load(overrides.read_text())
+                                            + ["trainer.max_steps=10"]))
+    lost = fake_run(sweep, 23, "baseline", 3, {"eval/perfect/shape_iou": 0.9})
+    for name in ("config.yaml", "overrides.yaml"):
+        (lost / ".hydra" / name).unlink()
+    (lost / ".hydra").rmdir()
+    records = load_sweep(sweep)
+    (unreadable,) = [r for r in records if r.path == lost]
+    assert unreadable.status == UNREADABLE and "no .hydra/ and no config.yaml" in unreadable.error
+    assert {r.label for r in records if r.status == OK} == {"baseline", "lite"}
+    assert not [r for r in records if r.status == MISSING and r.seed != 2]  # no invented jobs
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    row = next(line for line in (out / "report.md").read_text().splitlines()
+               if line.startswith(f"| {lost.name} |"))
+    assert "unreadable" in row and str(lost) in row
+
+
+def test_duplicates_are_listed_with_their_paths_and_counted_once(sweep, tmp_path_factory):
+    """The same seed twice, and a re-evaluation nested inside a run of the sweep."""
+    twice = fake_run(sweep, 24, "lite", 1, {"eval/perfect/shape_iou": 0.9,
+                                            "eval/none/shape_iou": 0.9})
+    nested = fake_run(sweep / "0_baseline-s0" / "again", 0, "baseline", 0,
+                      {"eval/perfect/shape_iou": 0.5, "eval/none/shape_iou": 0.4})
+    old = 1_000_000_000  # the copies counted are the ones written last: make that explicit
+    for first in (sweep / "4_lite-s1", sweep / "0_baseline-s0"):
+        os.utime(first / "metrics.json", (old, old))
+    records = load_sweep(sweep)
+    dups = {r.path: r for r in records if r.status == DUPLICATE}
+    assert set(dups) == {sweep / "0_baseline-s0", sweep / "4_lite-s1"}
+    assert dups[sweep / "4_lite-s1"].error == f"duplicate of {twice}, which counts"
+    groups = select_runs(records)
+    assert [r.seed for r in groups["lite"]] == [0, 1, 2] and groups["lite"][1].path == twice
+    assert nested in [r.path for r in groups["baseline"]]
+    out = tmp_path_factory.mktemp("report")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "the one whose metrics.json was written last counts" in report
+    assert f"duplicate of {nested}, which counts | {sweep / '0_baseline-s0'} |" in report

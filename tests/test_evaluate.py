@@ -55,6 +55,7 @@ def test_a_larger_evaluation_set_and_the_record_compare_reads(finished, tmp_path
     (run,) = load_sweep(out)
     assert run.status == "ok" and run.ablation == "baseline" and run.seed == 0
     assert run.config["data"]["eval_size"] == 8
+    assert "data.eval_size=8" in (out / finished.name / ".hydra" / "overrides.yaml").read_text()
 
 
 def test_only_evaluation_knobs_and_only_finished_runs(tmp_path, capsys):
@@ -63,3 +64,74 @@ def test_only_evaluation_knobs_and_only_finished_runs(tmp_path, capsys):
     assert main([str(tmp_path), "--out", str(tmp_path / "o"), "data.eval_size=8"]) == 2
     assert f"no finished run below {tmp_path}" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def usable_run(run, seed=0):
+    """What evaluate looks for in a finished run (the model itself is not loaded here)."""
+    (run / ".hydra").mkdir(parents=True)
+    (run / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n- data.eval_size=4\n")
+    (run / "controlnet").mkdir()
+    (run / "config.yaml").write_text(f"seed: {seed}\n")
+    (run / "status.json").write_text(json.dumps({"status": "ok"}))
+    (run / "metrics.json").write_text(json.dumps(
+        {"ablation": "baseline", "seed": seed, "steps": 2, "history": [{"step": 2}]}))
+    return run
+
+
+def test_every_usable_run_is_evaluated_and_the_skipped_are_listed(tmp_path, monkeypatch, capsys):
+    import cnexp.evaluate as evaluate
+
+    tree = tmp_path / "sweep"
+    runs = {name: usable_run(tree / name, seed) for seed, name in
+            enumerate(["0_corrupt", "1_failed", "2_truncated", "3_no_config", "4_good"])}
+    (runs["1_failed"] / "status.json").write_text(json.dumps({"status": "failed"}))
+    (runs["2_truncated"] / "metrics.json").write_text('{"ablation": "base')
+    (runs["3_no_config"] / "config.yaml").unlink()
+    evaluated = []
+
+    def fake_evaluate(run, target, overrides):  # the model is not the point here
+        if run.name == "0_corrupt":
+            raise OSError("controlnet/diffusion_pytorch_model.safetensors: truncated")
+        evaluated.append(run.name)
+        return {"step": 2}
+
+    monkeypatch.setattr(evaluate, "evaluate_run", fake_evaluate)
+    assert main([str(tree), "--out", str(tmp_path / "out")]) == 1
+    assert evaluated == ["4_good"]
+    err = capsys.readouterr().err
+    table = err[err.index("skipped 4 of 5 runs"):].splitlines()
+    why = {line.split()[0]: line for line in table[2:]}
+    assert "OSError: controlnet/diffusion_pytorch_model.safetensors: truncated" in \
+        why[str(runs["0_corrupt"])]
+    assert "OSError" in (tmp_path / "out" / "0_corrupt" / "error.txt").read_text()
+    assert "status 'failed'" in why[str(runs["1_failed"])]
+    assert "not valid JSON" in why[str(runs["2_truncated"])]
+    assert "no config.yaml" in why[str(runs["3_no_config"])]
+
+
+@pytest.mark.parametrize("override, said", [
+    ("data.eval_sizex=8", "data.eval_sizex is not a knob; did you mean data.eval_size"),
+    ("sampling.scheduler=ddmi", "Invalid value 'ddmi', expected one of [ddim, unipc, dpmsolver]"),
+    ("eval.prompt_settings=[none,perfet]", "Invalid value 'perfet'"),
+    ("eval.fid=maybe", "'maybe' is not a valid bool"),
+    ("sampling.steps=0", "sampling.steps is 0; must be > 0"),
+])
+def test_a_bad_evaluation_knob_is_one_message_naming_it(tmp_path, capsys, override, said):
+    usable_run(tmp_path / "run")
+    assert main([str(tmp_path), "--out", str(tmp_path / "o"), override]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot re-evaluate with {override!r}" in err and said in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_the_evaluation_overrides_are_recorded_in_overrides_yaml(tmp_path):
+    import yaml
+    from omegaconf import OmegaConf
+
+    from cnexp.evaluate import _copy_config
+
+    run = usable_run(tmp_path / "run")
+    overrides = ["data.eval_size=256", "eval.fid=false"]
+    _copy_config(run, tmp_path / "out", OmegaConf.from_dotlist(overrides), overrides)
+    recorded = yaml.safe_load((tmp_path / "out" / ".hydra" / "overrides.yaml").read_text())
+    assert recorded == ["seed=0", "data.eval_size=256", "eval.fid=false"]  # 4 replaced by 256

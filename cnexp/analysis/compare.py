@@ -24,7 +24,8 @@ from typing import Optional
 from cnexp.analysis import plots
 from cnexp.analysis.claims import (ClaimsError, claims_markdown, judge_claims, load_claims,
                                    write_claims_csv)
-from cnexp.analysis.runs import OK, STATUSES, RunRecord, is_metric, load_sweep, load_wandb
+from cnexp.analysis.runs import (DUPLICATE, DUPLICATE_RULE, OK, STATUSES, RunRecord, is_metric,
+                                 load_sweep, load_wandb)
 from cnexp.analysis.stats import Estimate, mean_ci, paired_difference
 from cnexp.overrides import knob_diff
 
@@ -276,9 +277,12 @@ def markdown(table, groups, records, baseline: str, figures: list[Path], source:
     left_out = [r for r in records if r.status != OK]
     redone = {(r.label, r.seed) for r in records if r.status == OK}
     out += ["", "## Runs not in the tables", ""]
-    out += (_md_table(["run", "ablation", "seed", "status", "error"],
+    if any(r.status == DUPLICATE for r in records):
+        out += [f"Duplicates: {DUPLICATE_RULE}.", ""]
+    out += (_md_table(["run", "ablation", "seed", "status", "error", "path"],
                       [[r.name, r.label, r.seed, r.status + (" (rerun finished)" if
-                        (r.label, r.seed) in redone else ""), r.error] for r in left_out])
+                        r.status != DUPLICATE and (r.label, r.seed) in redone else ""),
+                        r.error, r.path or ""] for r in left_out])
             if left_out else ["None: every run of the sweep finished."])
     return "\n".join(out) + "\n"
 

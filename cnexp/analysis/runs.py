@@ -21,9 +21,15 @@ from cnexp.overrides import NOT_KNOBS, sweep_overrides
 from cnexp.record import (ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError, RunMetrics,
                           read_metrics, read_status)
 
-# broken: a record that is not what a run writes (truncated, edited, another program's file)
+# broken: a record that is not what a run writes (truncated, edited, another program's file);
+# unreadable: a directory without .hydra/ and config.yaml, whose ablation and knobs are unknown;
+# duplicate: a finished run of an ablation, variant and seed that another finished run counts for
 OK, FAILED, INCOMPLETE, MISSING, BROKEN = "ok", "failed", "incomplete", "missing", "broken"
-STATUSES = (OK, FAILED, INCOMPLETE, BROKEN, MISSING)
+UNREADABLE, DUPLICATE = "unreadable", "duplicate"
+STATUSES = (OK, FAILED, INCOMPLETE, BROKEN, MISSING, UNREADABLE, DUPLICATE)
+DUPLICATE_RULE = ("of several finished runs with the same ablation, swept knobs and seed, the one "
+                  "whose metrics.json was written last counts (ties: the last path); the others "
+                  "are listed as duplicates")
 STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
 # 3_baseline-s1, or with the job's swept knobs (cnexp/sweep.py job_name) 3_baseline-s1_lr=1e-4
 JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+?)-s(?P<seed>\d+)(?:_(?P<knobs>.*=.*))?$")
@@ -37,7 +43,7 @@ class RunRecord:
     name: str
     ablation: str
     seed: Optional[int]
-    status: str  # ok | failed | incomplete | missing
+    status: str  # one of STATUSES
     error: str = ""
     path: Optional[Path] = None
     variant: str = ""  # swept knobs other than ablation and seed: "optim.lr=0.001"
@@ -64,6 +70,19 @@ def is_metric(key: str) -> bool:
 def _numbers(row: dict) -> dict[str, float]:
     return {k: float(v) for k, v in row.items()
             if is_metric(k) and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def non_finite(row: dict) -> Optional[str]:
+    """What makes a final row unusable: "non-finite eval/fid = nan" (null: how the run's writer
+    stores a NaN or an infinity, cnexp/record.py), or None when every metric is a number."""
+    for key, value in row.items():
+        if not is_metric(key):
+            continue
+        if value is None:
+            return f"non-finite {key} = null (NaN or Inf when the run wrote it)"
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            return f"non-finite {key} = {value}"
+    return None
 
 
 def _load(path: Path, parse=json.loads) -> Any:
@@ -109,6 +128,12 @@ def read_run(run_dir: Path) -> RunRecord:
     record = RunRecord(name=run_dir.name, ablation=str(ablation),
                        seed=_int_or_none(seed), status=INCOMPLETE,
                        path=run_dir, overrides=overrides, config=config)
+    if not (run_dir / ".hydra").is_dir() and not (run_dir / "config.yaml").exists():
+        # guessing its group from a name or a record would invent what the sweep varied
+        record.ablation, record.seed, record.status = "?", None, UNREADABLE
+        record.error = ("no .hydra/ and no config.yaml: its ablation and knobs cannot be read, "
+                        "so it is in no group (copy the run's .hydra/ back to include it)")
+        return record
     try:
         status = read_status(run_dir) or {}
         metrics = read_metrics(run_dir / METRICS_FILE) \
@@ -121,6 +146,9 @@ def read_run(run_dir: Path) -> RunRecord:
         record.error = status.get("error") or _exception_line(run_dir / ERROR_FILE)
     elif metrics is not None:
         _fill(record, metrics, status)
+        bad = non_finite(metrics.final)
+        if bad:  # a NaN is not a result: the run failed, and the report says why
+            record.status, record.error, record.final = FAILED, bad, {}
     elif status.get("status") in ("preempted", "interrupted"):
         record.error = (f"{status['status']} at step {status.get('step')} "
                         f"({status.get('time')}); resume: {status.get('resume')}")
@@ -196,9 +224,11 @@ def expected_jobs(sweep_dir: Path) -> Optional[list[dict[str, str]]]:
 
 
 def load_sweep(root: Path) -> list[RunRecord]:
-    """Every run under root, plus a `missing` record per job the sweep defined but never ran."""
+    """Every run under root, plus a `missing` record per job the sweep defined but never ran;
+    duplicates marked (DUPLICATE_RULE). Unreadable runs take no part in the accounting."""
     root = Path(root)
-    records = [read_run(d) for d in find_run_dirs(root)]
+    every = [read_run(d) for d in find_run_dirs(root)]
+    records = [r for r in every if r.status != UNREADABLE]
     jobs = expected_jobs(root)
     swept = set(jobs[0]) if jobs else {k for k in _keys(records) if _varies(records, k)}
     knobs = sorted(k for k in swept if not k.startswith(NOT_KNOBS))
@@ -218,7 +248,29 @@ def load_sweep(root: Path) -> list[RunRecord]:
             if (ablation, variant, seed) not in have:
                 records.append(RunRecord(f"{ablation}-s{seed}", ablation, seed, MISSING,
                                          "never ran", variant=variant))
-    return records
+    mark_duplicates(records)
+    return records + [r for r in every if r.status == UNREADABLE]
+
+
+def mark_duplicates(records: list[RunRecord]) -> None:
+    """Mark all but one finished run per (label, seed) DUPLICATE, naming the one that counts."""
+    finished: dict[tuple[str, Optional[int]], list[RunRecord]] = {}
+    for run in records:
+        if run.status == OK:
+            finished.setdefault((run.label, run.seed), []).append(run)
+    for runs in finished.values():
+        runs.sort(key=lambda r: (_written(r), str(r.path or "")))
+        counted = runs[-1]
+        for run in runs[:-1]:
+            run.status = DUPLICATE
+            run.error = f"duplicate of {counted.path or counted.name}, which counts"
+
+
+def _written(run: RunRecord) -> float:
+    try:
+        return (run.path / METRICS_FILE).stat().st_mtime if run.path else 0.0
+    except OSError:
+        return 0.0
 
 
 def _keys(records: Iterable[RunRecord]) -> set[str]:
@@ -253,9 +305,13 @@ def load_wandb(path: str, group: str, api: Any = None) -> list[RunRecord]:
             if values and step is not None:
                 history.append({"step": int(step), **values})
         status = WANDB_STATES.get(str(run.state).lower(), INCOMPLETE)
+        error = "" if status == OK else f"W&B state: {run.state}"
+        if status == OK and non_finite(summary):
+            status, error = FAILED, non_finite(summary)
         records.append(RunRecord(
             name=run.name, ablation=str(config.get("ablation", "?")), seed=config.get("seed"),
-            status=status, error="" if status == OK else f"W&B state: {run.state}",
+            status=status, error=error,
             config=config, final=_numbers(summary) if status == OK else {}, history=history,
             sudden=summary.get("sudden_convergence")))
+    mark_duplicates(records)
     return records
