@@ -1,15 +1,19 @@
 """Load the frozen text-to-image base (a diffusers bundle) from a hub id or a directory."""
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from cnexp.config import BaseConfig
 from cnexp.errors import CnexpError
+
+log = logging.getLogger("cnexp")
 
 
 class BaseModelUnavailable(CnexpError):
@@ -55,8 +59,8 @@ def load_base(cfg: BaseConfig) -> BaseBundle:
         source = str(local)
     elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
         raise _unavailable(source, "no such directory, and it is not a hub id of the form owner/name")
-    # Offline, the hub client retries for ~25 s before failing; look in the local cache only.
-    kwargs = {"revision": cfg.revision, "local_files_only": local.is_dir() or _offline()}
+    kwargs = {"revision": cfg.revision,
+              "local_files_only": local.is_dir() or use_local_cache(source, cfg.revision)}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
                                                     **kwargs)
@@ -74,18 +78,65 @@ def load_base(cfg: BaseConfig) -> BaseBundle:
     return BaseBundle(vae, text_encoder, tokenizer, unet, noise_scheduler, source)
 
 
-def _offline() -> bool:
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        return True
-    import socket
-    from urllib.parse import urlparse
+HUB_TIMEOUT_S = 10  # one HEAD; a compute node with no route fails in milliseconds or here
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")
 
+
+def use_local_cache(repo_id: str, revision: str | None = None) -> bool:
+    """False when the hub answers (asked as huggingface_hub asks: HF_HUB_OFFLINE, HF_ENDPOINT,
+    proxies); True when it does not but the bundle is in the local hub cache; otherwise one
+    error now, rather than the hub client's ~25 s of retries and a traceback."""
+    reachable, why = hub_reachable(repo_id)
+    if reachable:
+        return False
+    if not in_hub_cache(repo_id, revision):
+        raise _unavailable(repo_id, "the hub is unreachable and it is not in the local cache "
+                           f"({hub_cache_dir()}); the hub: {why}")
+    log.info("the hub is unreachable (%s): loading %s from the local cache", why, repo_id)
+    return True
+
+
+def hub_offline_by_env() -> bool:
+    """HF_HUB_OFFLINE, as huggingface_hub reads it (also when set after it was imported)."""
     from huggingface_hub import constants
 
-    url = urlparse(constants.ENDPOINT)
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=3).close()
-        return False
-    except OSError:
-        return True
+    return constants.is_offline_mode() or \
+        os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
+
+def hub_reachable(repo_id: str) -> tuple[bool, str]:
+    """(whether the hub answers, why not). Asked with huggingface_hub's own HTTP client, so
+    HF_HUB_OFFLINE, HF_ENDPOINT and the proxy variables (HTTPS_PROXY, NO_PROXY, ...) decide as
+    they decide every download; any HTTP answer counts (a gated or missing repo is the load's
+    error to report, with its own message)."""
+    if hub_offline_by_env():
+        return False, "HF_HUB_OFFLINE is set"
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    url = f"{constants.ENDPOINT}/api/models/{repo_id}"
+    try:
+        get_session().head(url, timeout=HUB_TIMEOUT_S)
+    except Exception as err:  # noqa: BLE001 - no answer, whatever the transport says
+        proxy = next((os.environ[v] for v in PROXY_VARIABLES if os.environ.get(v)), "")
+        if proxy:  # host and port only: a proxy URL may carry a password
+            proxy = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        via = f" via proxy {proxy.hostname}:{proxy.port}" if proxy else ""
+        detail = (str(err).splitlines() or [""])[0]
+        return False, f"{url}{via}: {type(err).__name__} {detail}".rstrip()
+    return True, ""
+
+
+def in_hub_cache(repo_id: str, revision: str | None = None,
+                 probe_file: str = "model_index.json") -> bool:
+    """Whether the hub cache (HF_HUB_CACHE / HF_HOME) holds the repo's `probe_file` (a diffusers
+    bundle's index by default; config.json for a transformers model such as the CLIP score's)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, probe_file, revision=revision), str)
+
+
+def hub_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE

@@ -2,12 +2,17 @@
 
 Every file a run or a shared cache writes goes through `atomic_write`: a uniquely named temporary
 file beside the target, flushed and renamed over it, so a reader never sees half a file and two
-writers never trip over each other's temporary file. `exclusive(path)` serialises the first fill
+writers never trip over each other's temporary file; a full disk is one `StorageError` naming
+the file and the free space (cnexp/storage.py). `exclusive(path)` serialises the first fill
 of a shared cache (data generation, FID reference statistics) between concurrent first runs.
+`file_lock` is the one lock implementation (filelock's flock) for those caches and for the run
+directory (cnexp/rundir.py); on a filesystem without flock it raises `LockUnsupported`, naming the
+path and where to put it instead, rather than a bare OSError or a marker a crash would leave.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -17,42 +22,82 @@ from typing import Any, Iterator
 
 from filelock import FileLock
 
+from cnexp.errors import CnexpError
+from cnexp.storage import storage_error, storage_errors, storage_failure
+
 log = logging.getLogger("cnexp")
 
 
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = data.encode() if isinstance(data, str) else data
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with storage_errors(path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
-        raise
+        cause = storage_failure(err)
+        if cause is None:
+            raise
+        raise storage_error(path, cause) from None  # a full disk: one message, path and room
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write(path, json.dumps(obj, indent=1) + "\n")
 
 
+# what flock answers on a filesystem mounted without locks (Lustre without -o flock: ENOSYS;
+# NFS without a lock daemon: ENOLCK; some FUSE and object-store mounts: EOPNOTSUPP)
+NO_FLOCK = frozenset({errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP})
+CACHE_FIX = ("point the caches at a local or lock-capable disk: export CNEXP_CACHE=/path "
+             "(or paths.cache=/path)")
+
+
+class LockUnsupported(CnexpError):
+    pass
+
+
+def file_lock(path: str | Path) -> FileLock:
+    """An flock on `path` (created if missing), usable from any thread of its process. No soft
+    fallback: a marker file outlives a killed job and would block its requeue, so a filesystem
+    without flock is an error (acquire)."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path), thread_local=False, fallback_to_soft=False)
+
+
+def acquire(lock: FileLock, timeout: float, fix: str = CACHE_FIX) -> None:
+    """lock.acquire(timeout); a filesystem without flock becomes one LockUnsupported that names
+    the lock file and `fix`. A lock held elsewhere still raises filelock.Timeout."""
+    try:
+        lock.acquire(timeout=timeout)
+    except OSError as err:
+        if err.errno not in NO_FLOCK:
+            raise
+        raise LockUnsupported(
+            f"cannot lock {lock.lock_file}: its filesystem does not support file locks "
+            f"(flock: {os.strerror(err.errno)}). cnexp locks run directories and shared caches "
+            f"so that two jobs never write the same files; {fix}. (Or have the file system "
+            "mounted with locks: Lustre -o flock, NFS with its lock daemon.)") from None
+
+
 @contextlib.contextmanager
 def exclusive(path: str | Path, what: str = "") -> Iterator[None]:
     """Hold `<path>.lock` across processes (and threads); logs when it has to wait."""
     lock_path = Path(f"{path}.lock")
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_path))
+    lock = file_lock(lock_path)
     try:
-        lock.acquire(timeout=0)
+        acquire(lock, timeout=0)
     except TimeoutError:
         log.info("waiting for another process to finish %s (%s)", what or path, lock_path)
-        lock.acquire()
+        acquire(lock, timeout=-1)
     try:
         yield
     finally:

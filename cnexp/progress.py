@@ -6,7 +6,9 @@ resumed step when a run resumes, and leaves evaluation out of its clock: evaluat
 training hooks (step 0, every eval.every_n_steps, the end), so counted in, it would stall the rate
 and swing the ETA after every evaluation. The clock (elapsed, steps/s, ETA) therefore counts
 training only; the postfix shows the evaluation seconds so far, so wall time = elapsed + eval.
-The ETA does not include evaluations still to come.
+The ETA does not include evaluations still to come. The counts and the clock move every step;
+the loss is read from the device only every trainer.log_every_n_steps steps (cnexp.cadence), so
+the bar never makes the host wait for the device in the other steps.
 """
 from __future__ import annotations
 
@@ -16,22 +18,33 @@ from typing import Callable, Optional
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
+from cnexp.cadence import host_reads_at
+from cnexp.progress_plain import PlainLines, is_terminal
+
+LOSS = "train/loss"  # logged without prog_bar (module.py): read here, at the logging cadence
+
 
 class StepProgressBar(TQDMProgressBar):
     BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 
-    def __init__(self, excluded_seconds: Optional[Callable[[], float]] = None, **kwargs) -> None:
+    def __init__(self, excluded_seconds: Optional[Callable[[], float]] = None,
+                 plain: Optional[bool] = None, **kwargs) -> None:
         """excluded_seconds: running total of wall seconds spent outside training (evaluation's
-        `seconds`); each increase moves the bar's clock forward, as tqdm's own unpause does."""
+        `seconds`); each increase moves the bar's clock forward, as tqdm's own unpause does.
+        plain: a line every few percent or minutes instead of a redrawn bar (PlainLines); None:
+        when stdout is not a terminal (a batch job's log)."""
         super().__init__(**kwargs)
         self.excluded_seconds = excluded_seconds
+        self.plain = plain
         self._excluded_seen = 0.0
 
     def init_train_tqdm(self) -> Tqdm:
         # a resumed run restores global_step before on_train_start: the bar starts there, and
         # its rate, (n - initial) / elapsed, counts only the steps this process trains
         step = self.trainer.global_step
-        return Tqdm(desc="train", total=self.trainer.max_steps, initial=step,
+        plain = not is_terminal(sys.stdout) if self.plain is None else self.plain
+        bar = PlainLines if plain else Tqdm
+        return bar(desc="train", total=self.trainer.max_steps, initial=step,
                     position=2 * self.process_position, disable=self.is_disabled, leave=True,
                     dynamic_ncols=True, file=sys.stdout, unit="step", smoothing=0,
                     bar_format=self.BAR_FORMAT)
@@ -49,12 +62,13 @@ class StepProgressBar(TQDMProgressBar):
             return
         self._exclude(bar)
         bar.n = trainer.global_step
-        bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
+        if host_reads_at(trainer, bar.n):  # the loss (a device value) only at log steps
+            bar.set_postfix(self.get_metrics(trainer, module), refresh=False)
         if bar.n % self.refresh_rate == 0 or bar.n == bar.total:
             bar.refresh()
 
     def on_train_epoch_end(self, trainer, module) -> None:
-        pass  # the postfix is current after every step
+        pass  # the postfix is current at every log step
 
     def on_train_end(self, trainer, module) -> None:
         bar = self.train_progress_bar
@@ -64,9 +78,13 @@ class StepProgressBar(TQDMProgressBar):
         bar.close()
 
     def get_metrics(self, trainer, module) -> dict:
-        """The prog_bar metrics by their last name (train/loss -> loss), plus evaluation time."""
-        metrics = {k.rsplit("/", 1)[-1]: v for k, v in super().get_metrics(trainer, module).items()
-                   if k != "v_num"}
+        """The prog_bar metrics and train/loss by their last name (train/loss -> loss), plus
+        evaluation time. Reads the loss from the device: call it at the logging cadence."""
+        shown = dict(super().get_metrics(trainer, module))
+        loss = trainer.callback_metrics.get(LOSS)
+        if LOSS not in shown and loss is not None:
+            shown[LOSS] = float(loss)
+        metrics = {k.rsplit("/", 1)[-1]: v for k, v in shown.items() if k != "v_num"}
         if self._excluded_seen > 0:  # nothing to say while evaluation is off
             metrics["eval"] = f"{self._excluded_seen:.0f}s"
         return metrics

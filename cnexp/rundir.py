@@ -7,12 +7,13 @@ its files with the first's. The kernel drops the lock when its process dies howe
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
 A resume must train what the run trained. Hydra rewrites `.hydra/` at every start, so a fresh run
 keeps a copy as `.hydra_at_start/`; a resume with other knobs than those is refused, naming
-them, and a refused start puts the run's `.hydra/` back (compare reads its labels there).
+them. A refused start leaves the holder's directory byte for byte as it was, times included:
+what Hydra writes before any callback runs is snapshot earlier and put back
+(cnexp/rundir_snapshot.py).
 """
 from __future__ import annotations
 
 import atexit
-import fcntl
 import json
 import logging
 import os
@@ -26,9 +27,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
-from cnexp.fileio import atomic_write
+from cnexp.fileio import LockUnsupported, atomic_write, file_lock
+from cnexp.fileio import acquire as acquire_lock
 from cnexp.overrides import flatten, knob_diff
 from cnexp.record import METRICS_FILE
+from cnexp.rundir_snapshot import RunDirSnapshot
+from cnexp.slurm_job import slurm_launcher
 from cnexp.sweep import is_rank_zero
 
 log = logging.getLogger("cnexp")
@@ -38,7 +42,10 @@ HYDRA_AT_START = ".hydra_at_start"
 LAST = Path("checkpoints") / "last.ckpt"
 RESUME_HINT = "ckpt_path=last (or ckpt_path=auto: resume if there is a checkpoint)"
 # what a resume may change: how long it trains and what it shows, not what a step computes
-RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "data.num_workers")
+RUN_DIR_FIX = ("give the run a directory on a local or lock-capable disk: python run.py "
+               "hydra.run.dir=/path (a multirun: hydra.sweep.dir=/path)")
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "data.num_workers",
+                     "cache.fill_workers")
 
 
 class RunDirError(CnexpError):
@@ -46,53 +53,47 @@ class RunDirError(CnexpError):
 
 
 class RunDirLock:
-    """An flock on <dir>/run.lock held until release() or the process ends."""
+    """filelock's flock on <dir>/run.lock (cnexp.fileio.file_lock, the lock the caches use),
+    held until release() or the process ends; the file names its holder."""
 
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_FILE
-        self._file = None
+        self._lock = None
 
     def acquire(self) -> "RunDirLock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(self.path, "a+")
+        lock = file_lock(self.path)
         try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(f)
-            f.close()
+            acquire_lock(lock, timeout=0, fix=RUN_DIR_FIX)
+        except TimeoutError:
             raise RunDirError(
-                f"run directory {self.path.parent} is in use by another run ({holder}); wait for "
-                "it to end, or give this run its own directory (python run.py hydra.run.dir=...)"
-            ) from None
-        previous = _holder(f)
+                f"run directory {self.path.parent} is in use by another run "
+                f"({_holder(self.path)}); wait for it to end, or give this run its own directory "
+                "(python run.py hydra.run.dir=...)") from None
+        except LockUnsupported as err:
+            raise RunDirError(str(err)) from None
+        previous = _holder(self.path)
         if previous != "unknown process":  # written by a process that never released it
             log.warning("taking over the lock of a run that is gone (%s) in %s", previous,
                         self.path.parent)
-        f.seek(0)
-        f.truncate()
-        f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                            "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
-                            "command": " ".join(sys.argv)}))
-        f.flush()
-        self._file = f
+        self.path.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                         "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                         "command": " ".join(sys.argv)}))
+        self._lock = lock
         atexit.register(self.release)
         return self
 
     def release(self) -> None:
-        if self._file is None:
+        if self._lock is None:
             return
-        self._file.seek(0)
-        self._file.truncate()  # a clean exit leaves no holder to report
-        fcntl.flock(self._file, fcntl.LOCK_UN)
-        self._file.close()
-        self._file = None
+        self.path.write_text("")  # a clean exit leaves no holder to report
+        self._lock.release()
+        self._lock = None
 
 
-def _holder(f) -> str:
-    f.seek(0)
+def _holder(path: Path) -> str:
     try:
-        info = json.loads(f.read() or "null")
-    except ValueError:
+        info = json.loads(path.read_text() or "null")
+    except (OSError, ValueError):
         info = None
     if not isinstance(info, dict):
         return "unknown process"
@@ -111,20 +112,28 @@ def holds_a_run(run_dir: Path) -> Optional[str]:
 
 def wanted_resume(ckpt_path: Optional[str]) -> Optional[str]:
     """ckpt_path as given, except that a job SLURM requeued (SLURM_RESTART_COUNT > 0) without
-    one continues its run (`auto`) rather than being refused for starting over it."""
+    one continues its run (`auto`) rather than being refused for starting over it, and so does
+    every job of the SLURM launcher (cnexp/slurm_job.py: a time limit never loses a run)."""
     if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
         log.info("requeued SLURM job: ckpt_path=auto")
+        return "auto"
+    if ckpt_path is None and slurm_launcher() is not None:
         return "auto"
     return ckpt_path
 
 
 def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """The checkpoint a run resumes from: `last` (must exist), `auto` (if it exists), a path."""
+    """The checkpoint a run resumes from: `last` (must exist), `auto` (if it exists), a path.
+    `last` and `auto` take the newest intact checkpoint of the run's checkpoints/, saying so when
+    that is not last.ckpt (cnexp/checkpoints.py)."""
     if ckpt_path not in ("last", "auto"):
         return ckpt_path
+    from cnexp.checkpoints import resume_checkpoint  # torch: not at the Hydra callback's import
+
     last = Path(run_dir) / LAST
-    if last.exists():
-        return str(last)
+    found = resume_checkpoint(last.parent)
+    if found is not None:
+        return str(found)
     if ckpt_path == "auto":
         return None
     raise RunDirError(
@@ -182,6 +191,24 @@ class RunDirGuard(Callback):
 
     def __init__(self):
         self.locks: dict[str, RunDirLock] = {}
+        self.snapshots: dict[str, RunDirSnapshot] = {}  # taken before Hydra writes .hydra/
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._snapshot(OmegaConf.select(config, "hydra.run.dir"), config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.sweep.dir"))))
+        if sweep_dir.is_dir():  # a sweep started again in its directory: its jobs may be refused
+            for lock in sweep_dir.rglob(LOCK_FILE):
+                self._snapshot(lock.parent, config)
+
+    def _snapshot(self, run_dir: Any, config: DictConfig) -> None:
+        run_dir = os.path.abspath(str(run_dir))  # as Hydra's run_job makes runtime.output_dir
+        if is_rank_zero() and Path(run_dir).is_dir():
+            job = OmegaConf.select(config, "hydra.job.name")
+            self.snapshots[run_dir] = RunDirSnapshot(
+                Path(run_dir), OmegaConf.select(config, "hydra.output_subdir"),
+                f"{job}.log" if job else None, LOCK_FILE)
 
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         if not is_rank_zero():  # DDP's other processes run in rank zero's directory
@@ -206,7 +233,14 @@ class RunDirGuard(Callback):
                     "resumed run must compute what it started computing: drop those overrides, "
                     "or start a new run with them (leave hydra.run.dir out)")
         except RunDirError as err:
-            restore_hydra_files(run_dir, config)
+            lock = self.locks.pop(str(run_dir), None)
+            if lock is not None:
+                lock.release()
+            snapshot = self.snapshots.get(str(run_dir))
+            if snapshot is not None:
+                snapshot.restore(held_lock=lock is not None)
+            else:  # a job another process launched: only the bytes .hydra_at_start/ kept
+                restore_hydra_files(run_dir, config)
             print(err, file=sys.stderr)
             sys.exit(2)
 

@@ -7,6 +7,7 @@ interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.analysis
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -22,10 +23,10 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnexp.fileio import atomic_write_json
 from cnexp.overrides import NOT_KNOBS, knob_diff, swept_keys
 from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, RecordError
 from cnexp.record import read_status as read_status_strict
+from cnexp.storage import write_small
 
 log = logging.getLogger("cnexp")
 
@@ -53,10 +54,10 @@ def write_status(out_dir: Path, status: str, **fields: Any) -> None:
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "epoch": round(time.time(), 1), "host": socket.gethostname(), "pid": os.getpid(),
               **fields}
-    try:
-        atomic_write_json(Path(out_dir) / STATUS_FILE, record)  # a reader never sees half a file
-    except OSError as err:  # bookkeeping must not turn a finished run into a failed one
-        log.warning("could not write %s: %s", out_dir / STATUS_FILE, err)
+    # a reader never sees half a file; on a full disk it is rewritten in its own blocks
+    why = write_small(Path(out_dir) / STATUS_FILE, json.dumps(record, indent=1) + "\n")
+    if why:  # bookkeeping must not turn a finished run into a failed one
+        log.warning("could not write %s: %s", Path(out_dir) / STATUS_FILE, why)
 
 
 def machine_info() -> dict[str, Any]:
@@ -81,11 +82,9 @@ def record_failure(out_dir: Path, err: BaseException) -> None:
     """error.txt (traceback) + status.json; closes a W&B run the job left open so the next job
     of the same process does not log into it."""
     if is_rank_zero():
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / ERROR_FILE).write_text("".join(traceback.format_exception(err)))
-        except OSError as write_err:  # e.g. the disk is full: the log still has the error
-            log.warning("could not write %s: %s", out_dir / ERROR_FILE, write_err)
+        why = write_small(out_dir / ERROR_FILE, "".join(traceback.format_exception(err)))
+        if why:  # e.g. the disk is full: the log (stderr) still has the error
+            log.warning("could not write %s: %s", out_dir / ERROR_FILE, why)
         write_status(out_dir, "failed", error_type=type(err).__name__,
                      error=str(err) or type(err).__name__)
     wandb = sys.modules.get("wandb")
@@ -184,6 +183,9 @@ def job_name(ablation: str, seed: int) -> str:
 # conf/hydra/default.yaml's job directory. Registered on import: a launcher's worker process
 # imports this module (it unpickles SweepSummary) before it resolves the job's directory.
 OmegaConf.register_new_resolver("cnexp_job_name", job_name, replace=True)
+# conf/hydra/launcher/slurm.yaml's tasks_per_node: one rank per GPU, one task on a CPU node
+OmegaConf.register_new_resolver("cnexp_tasks_per_node", lambda gpus: max(1, int(gpus or 0)),
+                                replace=True)
 
 
 def wandb_identity(cfg: DictConfig, job_type: str = "train") -> dict[str, Any]:

@@ -15,6 +15,16 @@ TINY = ROOT / "assets" / "tinyworld"
 register_configs()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """paths.cache (CNEXP_CACHE) in a tmp dir for the whole session, subprocesses included: tests
+    never fill the user's ~/.cache/cnexp, their own CNEXP_CACHE or the working tree."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("cnexp-cache")
+        patch.setenv("CNEXP_CACHE", str(cache))
+        yield cache
+
+
 def compose_cfg(overrides: list[str] | None = None, out_dir: Path | None = None) -> DictConfig:
     """Compose conf/train.yaml as `python run.py <overrides>` would, without running Hydra's app."""
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

@@ -1,5 +1,6 @@
 """The step progress bar: step/max_steps across epochs, steps/s and ETA without evaluation time,
 loss in the postfix, and a resumed run starting at its step (real Lightning runs, tiny model)."""
+import io
 import time
 
 import lightning as L
@@ -9,6 +10,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 from cnexp.progress import StepProgressBar
+from cnexp.progress_plain import PlainLines
 
 
 class Regression(L.LightningModule):
@@ -58,7 +60,7 @@ def fit(tmp_path, max_steps, bar, callbacks=(), ckpt_path=None, **kwargs):
 
 
 def test_bar_counts_steps_over_max_steps_with_the_loss(tmp_path, capsys):
-    bar = StepProgressBar()
+    bar = StepProgressBar(plain=False)  # the terminal's bar (capsys is not a terminal)
     trainer = fit(tmp_path, 10, bar, enable_checkpointing=False)
     tq = bar.train_progress_bar
     assert trainer.current_epoch >= 2  # several epochs, one bar: not reset per epoch
@@ -71,7 +73,7 @@ def test_bar_counts_steps_over_max_steps_with_the_loss(tmp_path, capsys):
 
 def test_evaluation_time_is_left_out_of_the_rate_and_shown_apart(tmp_path, capsys):
     evaluation = SlowEvaluation(pause=0.6)
-    bar = StepProgressBar(lambda: evaluation.seconds)
+    bar = StepProgressBar(lambda: evaluation.seconds, plain=False)
     start = time.perf_counter()
     fit(tmp_path, 10, bar, callbacks=[evaluation], enable_checkpointing=False)
     wall = time.perf_counter() - start
@@ -94,3 +96,33 @@ def test_resumed_run_starts_the_bar_at_its_step(tmp_path):
     assert (tq.initial, tq.n, tq.total) == (4, 10, 10)
     # tqdm's rate is (n - initial) / elapsed: the 6 steps this process trained, not the 4 restored
     assert tq.n - tq.initial == 6
+
+
+def test_without_a_terminal_the_bar_writes_a_plain_line_every_5_percent(tmp_path, capsys):
+    # capsys's stdout is not a terminal, as a SLURM .out file is not: plain mode by itself
+    bar = StepProgressBar()
+    trainer = fit(tmp_path, 40, bar, enable_checkpointing=False, log_every_n_steps=1)
+    assert isinstance(bar.train_progress_bar, PlainLines)
+    out = capsys.readouterr().out
+    assert "\r" not in out  # not one carriage-return update per step
+    lines = [line for line in out.splitlines() if line.startswith("train ")]
+    steps = [int(line.split()[1].split("/")[0]) for line in lines]
+    # the start, then every 5 % (2 of 40 steps); the last step may repeat with its final loss
+    assert sorted(set(steps)) == list(range(0, 41, 2)) and len(lines) <= 22, lines
+    loss = float(trainer.callback_metrics["train/loss"])
+    last = lines[-1]
+    assert last.startswith("train 40/40 (100%) [") and f"loss={Tqdm.format_num(loss)}" in last
+    assert "step/s" in lines[10] and "<" in lines[10]  # the same figures: rate and ETA
+
+
+def test_plain_lines_also_come_every_few_minutes_on_a_long_run():
+    clock, out = [0.0], io.StringIO()
+    bar = PlainLines(desc="train", total=100_000, initial=0, out=out, clock=lambda: clock[0],
+                     every_s=300, unit="step", smoothing=0)
+    for step in range(1, 101):  # 0.1 % of the run: no 5 % mark crossed
+        clock[0] = step * 10.0  # 10 s per step
+        bar.n = step
+        bar.refresh()
+    bar.close()
+    steps = [int(line.split()[1].split("/")[0]) for line in out.getvalue().splitlines()]
+    assert steps == [0, 30, 60, 90, 100]  # every 300 s, then the last figures at close

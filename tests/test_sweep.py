@@ -2,6 +2,7 @@
 are split across parallel jobs, and (slow) a real multirun followed by compare."""
 import json
 import os
+import re
 import runpy
 import shutil
 import subprocess
@@ -18,6 +19,8 @@ from cnexp.analysis.compare import main as compare_main
 from cnexp.errors import CnexpError
 from cnexp.analysis.runs import FAILED, OK, load_sweep
 from cnexp.overrides import knob_diff
+from cnexp.rundir import wanted_resume
+from cnexp.slurm_job import SlurmSettingsError, apply_slurm_resources
 from cnexp.sweep import read_status, split_threads, wandb_identity
 from conftest import ROOT, TINY
 
@@ -161,3 +164,69 @@ def test_real_multirun_then_compare(tmp_path):
     assert "2 ok · 0 failed · 0 incomplete · 0 broken · 0 missing" in report
     assert (out / "summary.csv").read_text().count("baseline") >= 2
     assert (out / "samples.png").exists()
+
+
+# --- the SLURM preset: the job's resources drive the trainer (cnexp/slurm_job.py) ---
+
+@pytest.fixture(scope="module")
+def conf_without_local(tmp_path_factory):
+    """conf/ without a developer's untracked conf/local/slurm.yaml (their real cluster's)."""
+    return shutil.copytree(ROOT / "conf", tmp_path_factory.mktemp("conf") / "conf",
+                           ignore=lambda d, names: ["slurm.yaml"] if d.endswith("local") else [])
+
+
+@pytest.fixture
+def slurm_job(conf_without_local):
+    """Compose a job of `python run.py -m hydra/launcher=slurm ARGS` and make it the running
+    Hydra job, as the submitit worker does; returns its config (hydra node included)."""
+    def compose_job(*overrides, launcher="slurm"):
+        cfg = compose_with_hydra([f"hydra/launcher={launcher}", "hydra.mode=MULTIRUN",
+                                  *overrides], conf_without_local)
+        HydraConfig.instance().set_config(cfg)
+        return cfg
+
+    yield compose_job
+    HydraConfig.instance().cfg = None
+
+
+def test_slurm_gpus_per_node_drive_devices_accelerator_tasks_and_resume(slurm_job):
+    cfg = slurm_job("hydra.launcher.gpus_per_node=4")
+    assert cfg.hydra.launcher.tasks_per_node == 4  # one rank per GPU, without saying so
+    assert cfg.hydra.launcher.timeout_min == 240 and cfg.hydra.launcher.max_num_timeout == 10
+    apply_slurm_resources(cfg)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices, cfg.trainer.num_nodes) == ("gpu", 4, 1)
+    # a job requeued after its time limit resumes: ckpt_path=auto without being told
+    assert wanted_resume(None) == "auto" and wanted_resume("last") == "last"
+
+
+def test_a_cpu_slurm_job_stays_on_the_cpu_and_cpu_ddp_needs_its_tasks(slurm_job):
+    cfg = slurm_job("hydra.launcher.gpus_per_node=0", "trainer=auto")
+    assert cfg.hydra.launcher.tasks_per_node == 1
+    apply_slurm_resources(cfg)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("cpu", 1)
+    with pytest.raises(SlurmSettingsError, match="hydra.launcher.tasks_per_node=2"):
+        apply_slurm_resources(slurm_job("hydra.launcher.gpus_per_node=0", "trainer=ddp_cpu"))
+    cfg = slurm_job("hydra.launcher.gpus_per_node=0", "trainer=ddp_cpu",
+                    "hydra.launcher.tasks_per_node=2")
+    apply_slurm_resources(cfg)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("cpu", 2)
+
+
+@pytest.mark.parametrize("overrides, named", [
+    (["hydra.launcher.gpus_per_node=2", "trainer=cpu"], "trainer=cpu trains on the cpu"),
+    (["hydra.launcher.gpus_per_node=2", "trainer.devices=1"], "trainer.devices=1 but the SLURM"),
+    (["hydra.launcher.gpus_per_node=0", "trainer=gpu"], "holds none (hydra.launcher.gpus_per"),
+    (["hydra.launcher.gpus_per_node=2", "hydra.launcher.tasks_per_node=1"],
+     "hydra.launcher.tasks_per_node=1"),
+    (["hydra.launcher.nodes=2", "trainer.num_nodes=1"], "hydra.launcher.nodes=2"),
+])
+def test_slurm_settings_that_contradict_the_job_are_refused(slurm_job, overrides, named):
+    with pytest.raises(SlurmSettingsError, match=re.escape(named)):
+        apply_slurm_resources(slurm_job(*overrides))
+
+
+def test_outside_the_slurm_launcher_nothing_changes(slurm_job):
+    cfg = slurm_job("trainer=cpu", launcher="parallel")
+    apply_slurm_resources(cfg)
+    assert (cfg.trainer.accelerator, cfg.trainer.devices) == ("cpu", 1)
+    assert wanted_resume(None) is None
