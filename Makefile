@@ -3,8 +3,9 @@ PYTHON ?= python
 .PHONY: setup run test test-fast tinyworld
 
 setup: .cnexp-setup
-.cnexp-setup: pyproject.toml
-	$(PYTHON) -m pip install -q -e '.[dev]'
+# constraints.txt: this machine's exact torch build; the package itself declares only ranges
+.cnexp-setup: pyproject.toml constraints.txt
+	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PYTHON) -c "import controlnet_aux, diffusers, lightning, hydra"  # fail early on a broken install
 	touch $@
 

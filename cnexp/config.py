@@ -6,6 +6,7 @@ with Hydra's message instead of being silently ignored.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -13,9 +14,11 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from cnexp.data.workers import WHY as WORKERS_WHY, valid_setting as valid_workers
 from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
-                         CacheStore, FrozenDtype,
-                         ConnectorInit, Crop, Fidelity, InitScope, Layout, LoggerMode,
+                         CacheStore, Duplicates, FrozenDtype,
+                         AdapterType, Connector, ConnectorInit, Crop, Fidelity, InitScope,
+                         Layout, LoggerMode,
                          OnNonFinite, PromptSetting, Scheduler, in_range)
 
 
@@ -45,21 +48,33 @@ class ControlConfig:
                                                                  "use a value in (0, 1]"))
     sd_locked: bool = True  # false: also train the UNet decoder at optim.decoder_lr (authors' repo)
     only_mid_control: bool = False  # true: only the middle-block residual reaches the UNet
+    # cross_norm: the connectors' output normalised with the frozen UNet's statistics (ControlNeXt)
+    connector: Connector = Connector.conv
+    cross_norm_scale: float = 1.0  # cross_norm's learned scale starts here (0: step 0 is the base)
+    lora_rank: int = field(default=8, metadata=POSITIVE)  # lora_copy: the adapters' rank
+    adapter_type: AdapterType = AdapterType.full  # t2i_adapter: diffusers' full or light adapter
 
 
 @dataclass
 class OptimConfig:
     lr: float = field(default=1e-5, metadata=LEARNING_RATE)  # the paper's AdamW learning rate
+    # multiplies every group's learning rate: presets say "10x lower" (low_lr: 0.1), not a rate,
+    # so they mean the same on every base (cnexp.module.learning_rates)
+    lr_factor: float = field(default=1.0, metadata=POSITIVE)
     weight_decay: float = 1e-2
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     # share of captions replaced by "" (paper: 50%)
     prompt_dropout: float = field(default=0.5, metadata=PROBABILITY)
     # share of conditions replaced by zeros (Uni-ControlNet style)
     condition_dropout: float = field(default=0.0, metadata=PROBABILITY)
-    # UNet decoder's learning rate when control.sd_locked=false
-    decoder_lr: float = field(default=2e-6, metadata=LEARNING_RATE)
+    # UNet decoder's learning rate when control.sd_locked=false; None: 0.2 x lr (the authors'
+    # 2e-6 at SD's 1e-5), so it follows the base's rate
+    decoder_lr: Optional[float] = field(default=None, metadata=LEARNING_RATE)
     fused: bool = True  # torch's fused AdamW kernel (one kernel per step instead of a loop)
     eight_bit: bool = False  # bitsandbytes' AdamW8bit (GPU memory option for big bases)
+
+
+WORKERS = in_range(valid_workers, WORKERS_WHY)  # data.num_workers, cache.fill_workers
 
 
 @dataclass
@@ -78,7 +93,9 @@ class DataConfig:
         f"downsampling), e.g. {max(8, v // 8 * 8)}"))
     crop: Crop = Crop.center
     batch_size: int = field(default=16, metadata=POSITIVE)
-    num_workers: int = 0
+    # data-loader processes; auto: on a GPU from the job's CPUs (SLURM_CPUS_PER_TASK or the CPU
+    # affinity), with pinned memory and persistent workers; on a CPU 0 (cnexp/data/workers.py)
+    num_workers: str = field(default="auto", metadata=WORKERS)
     eval_size: int = 32  # fixed evaluation set: the first N validation triples
     # hf layout columns (diffusers' names); caption_column is also the captions layout's key
     image_column: str = "image"
@@ -91,7 +108,16 @@ class DataConfig:
     annotator_path: Optional[str] = None  # local dir (or hub id) of hub-weight annotators
     cache_dir: Optional[str] = None  # computed conditions + datasets' cache; None: not on disk
     precompute_conditions: bool = True  # annotate every sample at setup (logs cache hits)
-    skip_bad_samples: bool = False  # leave out unreadable images (scans all at setup)
+    # leave out unreadable images and those min_image_size / max_aspect_ratio refuse
+    skip_bad_samples: bool = False
+    # samples with identical decoded condition and target: keep | drop (docs/data.md)
+    duplicates: Duplicates = Duplicates.keep
+    # a target's shorter side below it is refused (upscaled 4x+ it trains on blur); None:
+    # data.resolution // 4
+    min_image_size: Optional[int] = field(default=None, metadata=NON_NEGATIVE)
+    # longer / shorter side above it is refused (a center crop keeps a sliver); None: off
+    max_aspect_ratio: Optional[float] = field(default=4.0, metadata=in_range(
+        lambda v: v >= 1, "use a ratio >= 1 (longer side / shorter side), or null for no limit"))
     split_seed: int = field(default=0, metadata=SEED)  # cuts val/test from train when the source has none; not the run seed,
     val_fraction: float = 0.05  # so the evaluation set is the same for every seed and ablation
     test_fraction: float = 0.05
@@ -105,7 +131,8 @@ class CacheConfig:
     text: bool = True  # per-caption embeddings
     store: CacheStore = CacheStore.disk
     dir: Optional[str] = None  # where the disk store keeps its shards; None: <paths.cache>/encoders
-    fill_batch: int = field(default=64, metadata=POSITIVE)  # images per encoder call while filling (the fill's memory bound)
+    fill_batch: int = field(default=64, metadata=POSITIVE)  # images per encoder call while filling (the fill's memory bound; not in the cache's key)
+    fill_workers: str = field(default="auto", metadata=WORKERS)  # the fill's loader; auto as data.num_workers
 
 
 @dataclass
@@ -151,9 +178,12 @@ class TrainerConfig:
     max_steps: int = 1000
     accumulate_grad_batches: int = 1
     gradient_clip_val: Optional[float] = 1.0
+    # a Lightning precision (32-true, bf16-mixed, 16-mixed) or auto (trainer=auto, the default
+    # run; cnexp/device.py): bf16-mixed on a GPU with bf16 units, 16-mixed on an older GPU,
+    # 32-true on the CPU
     precision: str = "32-true"
-    accelerator: str = "auto"
-    devices: Any = 1
+    accelerator: str = "auto"  # auto: a CUDA GPU when one is visible, else the CPU; cpu | gpu
+    devices: Any = 1  # never guessed: several GPUs are a choice (with trainer.strategy=ddp)
     strategy: str = "auto"  # ddp for several processes (trainer=ddp_cpu, or GPUs / nodes)
     num_nodes: int = 1
     log_every_n_steps: int = 10
@@ -211,8 +241,20 @@ class TrainConfig:
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
+def default_cache_dir() -> str:
+    """paths.cache's default: $CNEXP_CACHE, else $XDG_CACHE_HOME/cnexp, else ~/.cache/cnexp.
+    One place per user shared by every run and array job, wherever a job starts (a job's
+    working directory is often a home quota or a scratch that does not outlive it)."""
+    if os.environ.get("CNEXP_CACHE"):
+        return str(Path(os.environ["CNEXP_CACHE"]).expanduser())
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    root = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: absolute only
+    return str(root / "cnexp")
+
+
 def register_configs() -> None:
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     # the shipped assets live beside the package, whatever directory run.py is started from
     OmegaConf.register_new_resolver("cnexp_root", lambda: str(PROJECT_ROOT), replace=True)
+    OmegaConf.register_new_resolver("cnexp_cache", default_cache_dir, replace=True)
     import cnexp.sweep  # noqa: F401 - registers cnexp_job_name, the multirun job's dir name

@@ -11,6 +11,7 @@ import contextlib
 
 import torch
 
+from cnexp.device import resolve_device
 from cnexp.errors import ConfigError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -20,26 +21,35 @@ MIXED = {"bf16-mixed": "bf16", "16-mixed": "fp16"}
 
 
 def resolve_frozen_dtype(trainer_cfg) -> torch.dtype:
-    """trainer.frozen_dtype as a torch dtype; `auto` is half only on a GPU under mixed precision."""
-    choice, precision = str(trainer_cfg.frozen_dtype), str(trainer_cfg.precision)
+    """trainer.frozen_dtype as a torch dtype; `auto` is half only on a GPU under mixed precision
+    (accelerator and precision as trainer=auto resolves them on this machine, cnexp/device.py)."""
+    device = resolve_device(trainer_cfg)
+    choice, precision = str(trainer_cfg.frozen_dtype), device.precision
     if choice == "auto":
-        on_gpu = trainer_cfg.accelerator in ("gpu", "cuda") or (
-            trainer_cfg.accelerator == "auto" and torch.cuda.is_available())
-        return DTYPES[MIXED[precision]] if on_gpu and precision in MIXED else torch.float32
+        return DTYPES[MIXED[precision]] if device.on_gpu and precision in MIXED else torch.float32
     if choice not in DTYPES:
         raise ConfigError(f"trainer.frozen_dtype={choice!r} is unknown: use auto, "
                          f"{', '.join(DTYPES)} (python run.py trainer.frozen_dtype=auto)")
     if choice != "fp32" and MIXED.get(precision) != choice:
         need = next(p for p, d in MIXED.items() if d == choice)
+        given = str(trainer_cfg.precision)
+        given = precision if given == precision else f"{given} (here: {precision})"
         raise ConfigError(f"trainer.frozen_dtype={choice} needs trainer.precision={need} (the "
                          f"trained branch meets the {choice} base under autocast); it is "
-                         f"{precision}: set trainer.precision={need} or trainer.frozen_dtype=auto")
+                         f"{given}: set trainer.precision={need} or trainer.frozen_dtype=auto")
     return DTYPES[choice]
 
 
-def store_frozen(modules, dtype: torch.dtype) -> None:
+@torch.no_grad()
+def store_frozen(modules, dtype: torch.dtype, copies: dict | None = None) -> None:
     """Cast the frozen parameters (and floating buffers) of `modules` to `dtype`, in place;
-    trainable parameters stay as they are (fp32)."""
+    trainable parameters stay as they are (fp32).
+
+    `copies`: {name: (trainable copy, base weight)} (Branch.copied_from_base). The copy was
+    taken from the fp32 base; it restarts from the base as stored (a half value is exact in
+    fp32), so at step 0 the copy is exactly the base the run computes with and its copy drift
+    is 0, as with an fp32 base. The cost: the copy starts rounded to the half dtype (bf16:
+    within 2^-9 of each pretrained weight), the precision the base itself runs at."""
     if dtype == torch.float32:
         return
     for module in modules:
@@ -50,6 +60,8 @@ def store_frozen(modules, dtype: torch.dtype) -> None:
             for name, buf in sub.named_buffers(recurse=False):
                 if buf.is_floating_point():
                     setattr(sub, name, buf.to(dtype))
+    for param, base in (copies or {}).values():
+        param.copy_(base)  # fp32 <- half: exact
 
 
 def frozen_autocast(module):

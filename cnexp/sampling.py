@@ -1,13 +1,15 @@
 """Generation for evaluation: a stock diffusers pipeline over the module's own components.
 
-Which pipeline is the branch's to say (`Branch.pipeline`): diffusers' ControlNet pipeline for
-the branches that return residuals, its ControlNet-XS pipeline for the fused XS model.
+Which pipeline, and which arguments carry the condition and the control scale, is the branch's
+to say (`Branch.pipeline`, `Branch.sampling_inputs`): diffusers' ControlNet pipeline for the
+branches that return residuals, its ControlNet-XS pipeline for the fused XS model, its T2I-Adapter
+pipeline for the adapter.
 """
 from __future__ import annotations
 
 import torch
 from diffusers import (DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       MultiControlNetModel, UniPCMultistepScheduler)
+                       UniPCMultistepScheduler)
 
 from cnexp.config import SamplingConfig
 
@@ -16,14 +18,19 @@ SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler,
             "dpmsolver": DPMSolverMultistepScheduler}
 
 
+def make_scheduler(module, cfg: SamplingConfig):
+    """A new sampling.scheduler over the base's noise schedule (schedulers keep state)."""
+    return SAMPLERS[cfg.scheduler].from_config(module.noise_scheduler.config)
+
+
 def make_pipeline(module, cfg: SamplingConfig, progress: bool = True) -> DiffusionPipeline:
     """A pipeline that shares (does not copy) the module's frozen base and its control branch."""
-    scheduler = SAMPLERS[cfg.scheduler].from_config(module.noise_scheduler.config)
     pipe = module.branch.pipeline(
         module.unet, module.controlnet, vae=module.vae, text_encoder=module.text_encoder,
-        tokenizer=module.tokenizer, scheduler=scheduler, safety_checker=None,
+        tokenizer=module.tokenizer, scheduler=make_scheduler(module, cfg), safety_checker=None,
         feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
+    pipe.cnexp_branch = module.branch  # generate() asks it how the pipeline takes the condition
     return pipe
 
 
@@ -38,21 +45,20 @@ def generate(pipe: DiffusionPipeline, conditions: torch.Tensor, prompts: list[st
     device = pipe.unet.device
     generators = [torch.Generator(device).manual_seed(cfg.seed + first_index + i)
                   for i in range(len(prompts))]
-    image = conditions.to(device)
-    if isinstance(getattr(pipe, "controlnet", None), MultiControlNetModel):
-        image = [image]  # one condition per wrapped net
-    # sample in eval mode, then give the trainable parts back their training state
+    control_inputs = pipe.cnexp_branch.sampling_inputs(pipe, conditions.to(device),
+                                                       cfg.conditioning_scale)
+    # sample in eval mode, then give every submodule back its own training state (a wrapper the
+    # pipeline holds, MultiControlNetModel, may be older than the branch's current state)
     models = [m for m in pipe.components.values() if isinstance(m, torch.nn.Module)]
-    modes = [m.training for m in models]
+    modes = {sub: sub.training for model in models for sub in model.modules()}
     for model in models:
         model.eval()
     try:
-        out = pipe(prompt=prompts, image=image, num_inference_steps=cfg.steps,
-                   guidance_scale=cfg.guidance_scale, generator=generators,
-                   controlnet_conditioning_scale=cfg.conditioning_scale,
+        out = pipe(prompt=prompts, num_inference_steps=cfg.steps,
+                   guidance_scale=cfg.guidance_scale, generator=generators, **control_inputs,
                    height=conditions.shape[-2], width=conditions.shape[-1], output_type="pt")
     finally:
-        for model, mode in zip(models, modes):
-            model.train(mode)
+        for sub, mode in modes.items():
+            sub.training = mode
     return out.images.float().clamp(0, 1)
 

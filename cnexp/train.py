@@ -9,15 +9,16 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.base import load_base
+from cnexp.checkpoints import RunCheckpoints
 from cnexp.control import build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
+from cnexp.device import describe, resolve_device
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.encode_store import DiskEncoderCache, tokenizer_digest, weights_digest
 from cnexp.fileio import atomic_write
@@ -30,6 +31,7 @@ from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
 from cnexp.rundir import resume_path, wanted_resume
 from cnexp.runlog import RunLog
 from cnexp.signals import StopAtStepEnd, StopSignals
+from cnexp.slurm_job import apply_slurm_resources
 from cnexp.sweep import is_rank_zero, wandb_identity
 from cnexp.validate import validate
 
@@ -71,7 +73,8 @@ def apply_speed_options(trainer_cfg, base, controlnet) -> None:
 
 def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
     """The frozen-encoder cache that cache.* asks for (docs/gpu.md)."""
-    kwargs = dict(latents=cache_cfg.latents, text=cache_cfg.text, fill_batch=cache_cfg.fill_batch)
+    kwargs = dict(latents=cache_cfg.latents, text=cache_cfg.text, fill_batch=cache_cfg.fill_batch,
+                  fill_workers=cache_cfg.fill_workers)
     if cache_cfg.store == "memory" or not (cache_cfg.latents or cache_cfg.text):
         return FrozenEncoderCache(**kwargs)
     # the base's part of the disk key: the encoders' weights (content, dtype) and tokenizer
@@ -84,6 +87,7 @@ def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
 def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     """The whole experiment. Returns (and writes to metrics.json) the run's summary.
     `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside run.py."""
+    apply_slurm_resources(cfg)  # under hydra/launcher=slurm the job's GPUs choose the devices
     validate(cfg)
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
@@ -91,16 +95,21 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     # before anything heavy: a wrong one fails now
     ckpt_path = resume_path(wanted_resume(cfg.ckpt_path), out_dir)
     L.seed_everything(cfg.seed, workers=True)
-    if cfg.trainer.accelerator == "cpu" and isinstance(cfg.trainer.devices, int):
+    device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
+    if device.accelerator == "cpu" and isinstance(device.devices, int):
         # CPU processes share the cores: n processes on n cores must not each spawn n threads
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, cfg.trainer.devices)))
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, device.devices)))
+    frozen_dtype = resolve_frozen_dtype(cfg.trainer)
+    if is_rank_zero():
+        log.info(describe(device, frozen_dtype))
 
     base = load_base(cfg.base)
     branch = get_branch(cfg.control.branch)
     controlnet = build_controlnet(base.unet, cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
-    store_frozen((base.unet, base.vae, base.text_encoder, controlnet),
-                 resolve_frozen_dtype(cfg.trainer))
+    # the copy then starts from the base as stored, so step 0's copy drift is exactly 0
+    store_frozen((base.unet, base.vae, base.text_encoder, controlnet), frozen_dtype,
+                 copies=branch.copied_from_base(controlnet, base.unet))
     cache = build_cache(cfg.cache, cfg.paths.cache, base)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile, branch=branch)
@@ -111,7 +120,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     evaluation = build_evaluation(cfg, data, out_dir)
     ckpt_dir = out_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
-    checkpoints = ModelCheckpoint(dirpath=ckpt_dir, save_last=True, every_n_train_steps=every)
+    checkpoints = RunCheckpoints(ckpt_dir, every)  # last.ckpt: a link to the newest, one write
     guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val)]
     loggers = build_loggers(cfg, out_dir)
     damage = BaseDamageCallback(evaluation.batch)
@@ -122,8 +131,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     # after the evaluation and the record in each step, so a stop saves both
     stop = [StopAtStepEnd(signals, ckpt_dir)] if signals is not None else []
     trainer = L.Trainer(
-        max_steps=cfg.trainer.max_steps, accelerator=cfg.trainer.accelerator,
-        devices=cfg.trainer.devices, precision=cfg.trainer.precision,
+        max_steps=cfg.trainer.max_steps, accelerator=device.accelerator,
+        devices=device.devices, precision=device.precision,
         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
         use_distributed_sampler=False,  # the data module deals global batches to the ranks
         accumulate_grad_batches=cfg.trainer.accumulate_grad_batches,

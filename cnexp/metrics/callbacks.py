@@ -18,6 +18,7 @@ and only rank zero logs and writes files.
 """
 from __future__ import annotations
 
+import io
 import logging
 import time
 from pathlib import Path
@@ -33,13 +34,14 @@ from torchvision.utils import make_grid, save_image
 
 from cnexp.config import EvalConfig, SamplingConfig
 from cnexp.errors import ConfigError
+from cnexp.fileio import atomic_write
 from cnexp.metrics.convergence import sudden_convergence
-from cnexp.metrics.drift import copy_drift
+from cnexp.metrics.drift import CopyDrift
 from cnexp.metrics.fid import build_feature, cache_path, reference_fid, to_uint8
 from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_scores
 from cnexp.metrics.prompts import prompt_settings
 from cnexp.precision import frozen_autocast
-from cnexp.sampling import generate, make_pipeline
+from cnexp.sampling import generate, make_pipeline, make_scheduler
 
 log = logging.getLogger("cnexp")
 CURVE = "curve"
@@ -104,6 +106,8 @@ class EvaluationCallback(L.Callback):
                                         cfg.conflict_shift)
         self._last_step: Optional[int] = None
         self._last_full_step: Optional[int] = None
+        self._pipe = None  # (module, pipeline): one per run, built at the first evaluation
+        self.copy_drift = CopyDrift()  # keeps the frozen base's norm across evaluations
 
     # ---- checkpoint state: a resumed run continues the history from the true step 0 ----------
     def state_dict(self) -> dict:
@@ -149,7 +153,7 @@ class EvaluationCallback(L.Callback):
             # all prompts empty: guidance mixes two equal predictions, so skipping it gives the
             # same images at half the cost
             sampling = OmegaConf.merge(sampling, {"guidance_scale": 1.0})
-        pipe = make_pipeline(module, sampling, progress=False)
+        pipe = self.pipeline(module)
         chunks = [torch.empty(0, 3, *self.batch["condition"].shape[-2:], device=module.device)]
         for start in range(lo, hi, self.cfg.batch_size):
             stop = min(start + self.cfg.batch_size, hi)
@@ -157,6 +161,16 @@ class EvaluationCallback(L.Callback):
                 chunks.append(generate(pipe, self.batch["condition"][start:stop],
                                        prompts[start:stop], sampling, first_index=start))
         return torch.cat(chunks)
+
+    def pipeline(self, module):
+        """The run's sampling pipeline: built once (it shares the module's weights, which train
+        in place); each use gets a fresh scheduler, so every evaluation samples bitwise as a
+        newly built pipeline would (a multistep scheduler keeps state between calls)."""
+        if self._pipe is None or self._pipe[0] is not module:
+            self._pipe = (module, make_pipeline(module, self.sampling, progress=False))
+        else:
+            self._pipe[1].scheduler = make_scheduler(module, self.sampling)
+        return self._pipe[1]
 
     def score_fidelity(self, images: torch.Tensor, lo: int, prefix: str, device,
                        per_image: Optional[dict] = None) -> dict:
@@ -235,7 +249,7 @@ class EvaluationCallback(L.Callback):
             curve = self.sample(module, self.batch["caption"], lo, hi)
             grids[HEADLINE_SETTING] = (curve, lo)
             metrics.update(self.score_fidelity(curve, lo, f"eval/{CURVE}", device))
-        drift = copy_drift(module.branch.copied_from_base(module.controlnet, module.unet))
+        drift = self.copy_drift(module.branch.copied_from_base(module.controlnet, module.unet))
         if drift is not None:
             metrics["eval/copy_drift"] = drift
         self.seconds += time.perf_counter() - start
@@ -272,8 +286,9 @@ class EvaluationCallback(L.Callback):
                                  (self.batch["image"][:rows] + 1) / 2], dim=1).flatten(0, 1)
             grid = make_grid(tiles, nrow=3, padding=2, pad_value=0.5)
             path = self.out_dir / "samples" / setting / f"step_{step:06d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_image(grid, path)
+            png = io.BytesIO()
+            save_image(grid, png, format="png")
+            atomic_write(path, png.getvalue())  # a full disk: one message, no half image
             for logger in trainer.loggers:
                 if isinstance(logger, WandbLogger):
                     logger.log_image(f"samples/{setting}", [grid], step=step,
