@@ -7,12 +7,24 @@ import torch.nn.functional as F
 from diffusers import ModelMixin
 
 from cnexp.base import BaseBundle
+from cnexp.cadence import host_reads_at
 from cnexp.config import OptimConfig
 from cnexp.control import Branch, branch_of
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.errors import CnexpError
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+DECODER_LR_RATIO = 0.2  # optim.decoder_lr unset: the authors' decoder rate 2e-6 at lr 1e-5
+
+
+def learning_rates(optim: OptimConfig) -> dict[str, float]:
+    """{"control": .., "decoder": ..}: the AdamW groups' rates, optim.lr_factor applied.
+    Rounded to 12 significant digits, so 0.1 x 1e-5 is the 1e-6 a user would type (the float
+    product is 1.0000000000000002e-06) and a factor reproduces a run made at that rate."""
+    factor = getattr(optim, "lr_factor", 1.0)  # a config.yaml written before the knob: 1
+    decoder = optim.decoder_lr if optim.decoder_lr is not None else optim.lr * DECODER_LR_RATIO
+    return {name: float(f"{rate * factor:.12g}")
+            for name, rate in (("control", optim.lr), ("decoder", decoder))}
 
 
 class ControlNetModule(L.LightningModule):
@@ -34,6 +46,7 @@ class ControlNetModule(L.LightningModule):
         # sampling and the step-0 base damage stay eager: their batch shapes differ and they run
         # too rarely to repay a compile
         self.compiled_predict = torch.compile(self.branch.predict) if compiled else None
+        self._empty_text: torch.Tensor | None = None  # empty_prompt's memo
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -62,6 +75,7 @@ class ControlNetModule(L.LightningModule):
                 self.trainer.is_global_zero
             self.cache.precompute(train_set, self._vae_moments, self._text_encoder, self.device,
                                   progress=progress)
+        self._empty_text = None  # "" as the filled cache holds it, if it does
 
     @torch.no_grad()
     def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
@@ -114,10 +128,31 @@ class ControlNetModule(L.LightningModule):
                        generator=generator, device=self.device, **kwargs)
         return full[rank::world]
 
+    def prompt_keep(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """(n,) bool on the device: which captions survive prompt dropout (probability
+        `prompt_dropout` each of becoming "")."""
+        return self.draw(torch.rand, (n,), generator) >= self.optim.prompt_dropout
+
     def drop_prompts(self, captions: list[str], generator: torch.Generator) -> list[str]:
-        """Replace each caption by "" with probability `prompt_dropout` (per sample)."""
-        keep = self.draw(torch.rand, (len(captions),), generator) >= self.optim.prompt_dropout
+        """The captions after prompt dropout, as text (for inspection: the training step selects
+        embeddings on the device, dropped_prompt_embeddings, and never reads `keep` back)."""
+        keep = self.prompt_keep(len(captions), generator)
         return [c if k else "" for c, k in zip(captions, keep.tolist())]
+
+    def dropped_prompt_embeddings(self, captions: list[str],
+                                  generator: torch.Generator) -> torch.Tensor:
+        """(B, T, D): each caption's embedding, or that of "" where dropout drops it. The same
+        draw and the same rows as encoding drop_prompts' list, chosen without a host sync."""
+        keep = self.prompt_keep(len(captions), generator)
+        text = self.encode_prompts(captions)
+        return torch.where(keep.view(-1, 1, 1), text, self.empty_prompt().to(text.dtype))
+
+    def empty_prompt(self) -> torch.Tensor:
+        """(1, T, D): the embedding of "" (a dropped caption), encoded once (the encoder is
+        frozen; computed again only if the module moved to another device)."""
+        if self._empty_text is None or self._empty_text.device != self.device:
+            self._empty_text = self.encode_prompts([""])
+        return self._empty_text
 
     def drop_conditions(self, conditions: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """Replace each condition by zeros with probability `condition_dropout` (per sample,
@@ -129,9 +164,11 @@ class ControlNetModule(L.LightningModule):
         return conditions * keep.to(conditions.dtype).view(-1, 1, 1, 1)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
-        indices = batch["index"].tolist() if "index" in batch else None
+        indices = batch.get("index")
+        if torch.is_tensor(indices):  # the data module hands a list (no device round trip);
+            indices = indices.tolist()  # a batch built by hand may hold a host tensor
         latents = self.encode_images(batch["image"], generator, indices)
-        text = self.encode_prompts(self.drop_prompts(list(batch["caption"]), generator))
+        text = self.dropped_prompt_embeddings(list(batch["caption"]), generator)
         noise = self.draw(torch.randn, latents.shape, generator)
         steps = self.noise_scheduler.config.num_train_timesteps
         t = self.draw(torch.randint, (latents.shape[0],), generator, args=(0, steps))
@@ -149,9 +186,14 @@ class ControlNetModule(L.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         loss = self.diffusion_loss(batch, self.step_generator())
-        # under DDP the logged loss is the global batch's mean, as one process would log it
-        self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["caption"]),
-                 sync_dist=self.trainer.world_size > 1)
+        logged = loss.detach()
+        # under DDP the logged loss is the global batch's mean, as one process would log it;
+        # reduced only where it is read (log steps, the last): no collective in other steps
+        if self.trainer.world_size > 1 and host_reads_at(self.trainer, self.global_step + 1):
+            logged = self.trainer.strategy.reduce(logged, reduce_op="mean")
+        # not prog_bar: Lightning converts progress-bar metrics to floats after every batch (a
+        # host sync); StepProgressBar reads train/loss itself at the logging cadence
+        self.log("train/loss", logged, batch_size=len(batch["caption"]))
         return loss
 
     def on_train_epoch_end(self) -> None:  # once per epoch: a per-step log costs step time
@@ -161,12 +203,13 @@ class ControlNetModule(L.LightningModule):
     def configure_optimizers(self):
         """One AdamW group for the control branch; with control.sd_locked=false a second one
         for the UNet decoder at its own (lower) learning rate."""
-        groups = [{"name": "control", "lr": self.optim.lr,
+        rates = learning_rates(self.optim)
+        groups = [{"name": "control", "lr": rates["control"],
                    "params": [p for p in self.controlnet.parameters() if p.requires_grad]}]
         decoder = [p for p in self.unet.parameters() if p.requires_grad]
         if decoder:
-            groups.append({"name": "decoder", "lr": self.optim.decoder_lr, "params": decoder})
-        kwargs = {"lr": self.optim.lr, "weight_decay": self.optim.weight_decay,
+            groups.append({"name": "decoder", "lr": rates["decoder"], "params": decoder})
+        kwargs = {"lr": rates["control"], "weight_decay": self.optim.weight_decay,
                   "betas": tuple(self.optim.betas)}
         if self.optim.eight_bit:
             try:

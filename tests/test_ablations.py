@@ -19,7 +19,8 @@ from cnexp.control.base_damage import METRIC, BaseDamageCallback, base_damage
 from cnexp.control.connectors import expected_weight_std
 from cnexp.control.lite import ControlNetLite, residual_layout
 from cnexp.control.xs import expand_to_two_layers
-from cnexp.module import ControlNetModule
+from cnexp.metrics.clip import LITERATURE_CLIP
+from cnexp.module import ControlNetModule, learning_rates
 from cnexp.sampling import generate, make_pipeline
 from cnexp.errors import ConfigError
 from cnexp.knobs import Branch
@@ -36,8 +37,8 @@ PRESETS = {  # preset -> the knobs it changes (every other value is the baseline
                          "control.init_scope": "connectors_and_hint"},
     "no_zero_conv_default": {"control.connector_init": "default",
                              "control.init_scope": "connectors_and_hint"},
-    "low_lr": {"optim.lr": 1e-4},
-    "low_lr_no_zero_conv": {"optim.lr": 1e-4, "control.connector_init": "gaussian",
+    "low_lr": {"optim.lr_factor": 0.1},  # 0.1 x the base's rate: 1e-4 here, 1e-6 on SD
+    "low_lr_no_zero_conv": {"optim.lr_factor": 0.1, "control.connector_init": "gaussian",
                             "control.init_scope": "connectors_and_hint"},
     "lightweight": {"control.branch": "lite"},
     "scratch_copy": {"control.branch": "scratch"},
@@ -213,7 +214,7 @@ def test_only_the_intended_parameters_train_in_their_own_groups(knobs, tiny_cfg,
         assert set(groups) == {"control", "decoder"}
         assert {id(p) for p in groups["decoder"]["params"]} == \
             {id(p) for p in decoder_parameters(base.unet)}
-        assert groups["decoder"]["lr"] == tiny_cfg.optim.decoder_lr != tiny_cfg.optim.lr
+        assert groups["decoder"]["lr"] == 2e-4 != tiny_cfg.optim.lr  # 0.2 x lr (authors')
     else:
         assert set(groups) == {"control"}
     assert sum(p.numel() for g in optimizer.param_groups for p in g["params"]) == \
@@ -367,6 +368,57 @@ def test_every_preset_composes_and_changes_only_its_knobs(name):
     changed = {k: v for k, v in _flat(OmegaConf.to_container(cfg)).items()
                if baseline.get(k) != v and k != "ablation"}
     assert changed == PRESETS[name]
+
+
+# ---- presets at every scale: relative learning rates, evaluation sizes per base ------------------
+@pytest.mark.parametrize("base, control, decoder", [
+    ("tiny", 1e-4, 2e-5),  # exactly the claims study's lr 1e-4 (experiments/claims_study)
+    ("sd15", 1e-6, 2e-7), ("sd21", 1e-6, 2e-7)])  # 0.1 x SD's 1e-5, not 10x above it
+def test_low_lr_is_a_tenth_of_each_bases_rate(base, control, decoder, tiny_base):
+    cfg = compose_cfg([f"base={base}", "+ablation=low_lr"])
+    assert learning_rates(cfg.optim) == {"control": control, "decoder": decoder}
+    if base == "tiny":  # what the optimizer is given, bit for bit
+        module = ControlNetModule(tiny_base, torch.nn.Linear(1, 1), cfg.optim,
+                                  branch=get_branch("copy"))
+        assert [g["lr"] for g in module.configure_optimizers().param_groups] == [1e-4]
+
+
+@pytest.mark.parametrize("base, decoder", [("tiny", 2e-4), ("sd15", 2e-6)])
+def test_sd_unlocked_decoder_rate_follows_the_base(base, decoder):
+    cfg = compose_cfg([f"base={base}", "+ablation=sd_unlocked"])
+    assert learning_rates(cfg.optim)["decoder"] == decoder  # the authors' 2e-6 / 1e-5
+    cfg = compose_cfg([f"base={base}", "+ablation=sd_unlocked", "optim.decoder_lr=3e-5"])
+    assert learning_rates(cfg.optim)["decoder"] == 3e-5  # an explicit rate stays absolute
+
+
+def test_sd_bases_evaluate_at_the_studys_sizes_with_the_literatures_clip():
+    tiny = compose_cfg([])
+    assert (tiny.data.eval_size, tiny.eval.fid_reference_size) == (32, 256)  # unchanged
+    for base in ("sd15", "sd21"):
+        cfg = compose_cfg([f"base={base}"])
+        assert (cfg.data.eval_size, cfg.eval.fid_reference_size) == (500, 5000)
+        assert cfg.data.val_fraction * 50_000 >= 5000  # fill50k's cut holds the FID reference
+        assert cfg.base.clip_model == LITERATURE_CLIP == "openai/clip-vit-large-patch14"
+        assert compose_cfg([f"base={base}", "base.clip_model=/my/clip"]).base.clip_model == \
+            "/my/clip"
+
+
+def test_the_sd_study_preset_is_the_papers_arms_on_slurm():
+    from test_sweep import compose_with_hydra
+
+    cfg = compose_with_hydra(["+sweep=sd_paper"])
+    assert cfg.hydra.launcher._target_.endswith("SlurmLauncher")  # not claims.yaml's joblib
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
+    assert cfg.base.name == "sd15" and (cfg.data.layout, cfg.data.root) == ("hf", "fusing/fill50k")
+    params = cfg.hydra.sweeper.params
+    assert params["+ablation"].split(",") == ["baseline", "no_zero_conv", "lightweight",
+                                              "prompt_dropout_0"]
+    assert params["seed"] == "0,1,2"
+    assert cfg.trainer.max_steps == 10000 and cfg.optim.lr == 1e-5  # not claims' 400 steps
+    assert (cfg.data.eval_size, cfg.eval.fid_reference_size) == (500, 5000)
+    claims = compose_with_hydra(["+sweep=claims"])  # the tiny world's study is left as it was
+    assert claims.hydra.launcher._target_.endswith("JoblibLauncher")
+    assert claims.trainer.max_steps == 400
 
 
 def test_presets_compose_with_knob_overrides():

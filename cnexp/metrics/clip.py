@@ -2,7 +2,8 @@
 
 CLIPScore accepts only a few hub ids by name, or a callable returning (model, processor); we
 pass the callable, so base.clip_model can be the tiny world's own CLIP (assets/tinyworld/clip)
-or openai/clip-vit-base-patch16 (ControlNet++) alike.
+or any hub CLIP alike. The SD bases use LITERATURE_CLIP, the model CLIP scores of SD-family
+papers are reported with; base.clip_model=openai/clip-vit-base-patch16 gives ControlNet++'s.
 """
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 from cnexp.errors import CnexpError
+
+
+LITERATURE_CLIP = "openai/clip-vit-large-patch14"  # ViT-L/14: conf/base/sd15.yaml, sd21.yaml
 
 
 class ClipUnavailable(CnexpError):
