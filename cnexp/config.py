@@ -131,8 +131,9 @@ class CacheConfig:
     text: bool = True  # per-caption embeddings
     store: CacheStore = CacheStore.disk
     dir: Optional[str] = None  # where the disk store keeps its shards; None: <paths.cache>/encoders
-    fill_batch: int = field(default=64, metadata=POSITIVE)  # images per encoder call while filling (the fill's memory bound; not in the cache's key)
-    fill_workers: str = field(default="auto", metadata=WORKERS)  # the fill's loader; auto as data.num_workers
+    # images per encoder call while filling (the fill's memory bound); not in the cache's key
+    fill_batch: int = field(default=64, metadata=POSITIVE)
+    fill_workers: str = field(default="auto", metadata=WORKERS)  # auto: as data.num_workers
 
 
 @dataclass

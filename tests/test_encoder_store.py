@@ -129,7 +129,7 @@ def test_a_change_in_the_key_fills_a_new_directory(tiny_base, tmp_path):
 
     first = directory(_disk(tmp_path / "c", tiny_base))
     assert directory(_disk(tmp_path / "c", tiny_base)) == first
-    assert directory(_disk(tmp_path / "c", tiny_base, fill_batch=2)) != first
+    assert directory(_disk(tmp_path / "c", tiny_base, fill_batch=2)) == first  # not in the key
     assert directory(_disk(tmp_path / "c", tiny_base, latents=False)) != first
     other_base = DiskEncoderCache(tmp_path / "c", {**_base_key(tiny_base), "vae": "other"}, 4)
     assert directory(other_base) != first
@@ -138,7 +138,7 @@ def test_a_change_in_the_key_fills_a_new_directory(tiny_base, tmp_path):
     time.sleep(0.01)
     Image.new("RGB", (64, 64), (9, 9, 9)).save(root / "target" / "2.png")  # an edited image
     changed = directory(_disk(tmp_path / "c", tiny_base))
-    assert changed != first and len(list((tmp_path / "c").iterdir())) == 6
+    assert changed != first and len(list((tmp_path / "c").iterdir())) == 5
 
 
 def test_disk_and_memory_stores_give_the_same_losses(tiny_cfg, tiny_base, tiny_data, tmp_path):
@@ -255,5 +255,5 @@ def test_sd_preset_with_a_local_base_trains_offline_with_evaluation_off(tmp_path
                        "control.conditioning_embedding_out_channels=[16,32,64]",
                        "eval.enabled=false", "logger.mode=disabled", "trainer.max_steps=2",
                        f"cache.dir={tmp_path / 'encoders'}"], out_dir=tmp_path / "run")
-    assert cfg.base.clip_model == "openai/clip-vit-base-patch16" and cfg.cache.fill_batch == 4
+    assert cfg.base.clip_model == "openai/clip-vit-base-patch16" and cfg.cache.fill_batch == 16
     assert train(cfg)["steps"] == 2

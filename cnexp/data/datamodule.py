@@ -2,7 +2,9 @@
 
 data.layout picks the reader (fill50k, hf, captions); data.annotator, when set, computes every
 condition from its image (cached on disk). Splits the source lacks are cut from its train split
-with data.split_seed, never the run's seed, so every run and ablation sees the same evaluation set.
+with data.split_seed, never the run's seed, so every run and ablation sees the same evaluation set,
+and by content group, so no held-out sample is also a training sample. Setup runs the data check
+(cnexp/data/check.py) first: it stops before training on data that would make the numbers wrong.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
 from cnexp.data.resumable import ResumableShuffleSampler
+from cnexp.data.workers import resolve_workers
+from cnexp.data.splits import split_indices  # noqa: F401 - the split's home before splits.py
 from cnexp.knobs import Layout
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
@@ -27,17 +31,6 @@ log = logging.getLogger("cnexp")
 SPLITS = ("train", "val", "test")
 LAYOUTS = tuple(Layout)  # data.layout's choices
 SHOWN_BAD = 5  # skipped samples listed in the log
-
-
-def split_indices(n: int, seed: int, val_fraction: float = 0.05,
-                  test_fraction: float = 0.05) -> dict[str, list[int]]:
-    """Deterministic train/val/test split of a source that has none (same seed, same split).
-    A fraction of 0 gives an empty split; any other at least one sample."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(n * val_fraction)) if val_fraction > 0 else 0
-    n_test = max(1, int(n * test_fraction)) if test_fraction > 0 else 0
-    return {"val": sorted(order[:n_val]), "test": sorted(order[n_val:n_val + n_test]),
-            "train": sorted(order[n_val + n_test:])}
 
 
 def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
@@ -80,6 +73,7 @@ class TriplesDataModule(L.LightningDataModule):
         self.tokenizer, self.prompts = tokenizer, tuple(prompts)
         self.datasets: dict[str, TriplesDataset] = {}
         self.conditions: ConditionCache | None = None
+        self.data_check: dict = {}  # the data check's counts, for the run's record
 
     def prepare_data(self) -> None:
         if self.cfg.generate_tinyworld:
@@ -103,17 +97,14 @@ class TriplesDataModule(L.LightningDataModule):
         cfg = self.cfg
         sources = open_sources(cfg, cfg.cache_dir)
         self.conditions = self._condition_cache()  # fails here, before training, if unusable
-        indices = {s: list(range(len(src))) for s, src in sources.items()}
-        missing = [s for s in SPLITS if s not in sources]
-        if missing:  # cut the missing splits from train, deterministically
-            cut = split_indices(len(sources["train"]), cfg.split_seed,
-                                cfg.val_fraction if "val" in missing else 0.0,
-                                cfg.test_fraction if "test" in missing else 0.0)
-            if not cut["train"]:
-                self._too_small(len(sources["train"]), missing)
-            indices["train"] = cut["train"]
-            for split in missing:
-                sources[split], indices[split] = sources["train"], cut[split]
+        # every sample read once (cached by the data's fingerprint); missing splits cut from
+        # train by content group; stops on what would make the numbers wrong (check.py)
+        from cnexp.data.check import check_splits
+
+        checked = check_splits(sources, cfg, cfg.cache_dir)
+        for message in checked.warnings:
+            rank_zero_only(log.warning)("%s", message)
+        sources, indices, self.data_check = checked.sources, checked.indices, checked.summary
         for split in SPLITS:
             dataset = TriplesDataset(sources[split], cfg.resolution, indices[split],
                                      train=split == "train", random_crop=cfg.crop == "random",
@@ -123,17 +114,6 @@ class TriplesDataModule(L.LightningDataModule):
             log.info("data: %s", self.conditions.summary())
         if self.tokenizer is not None:
             self._check_captions()
-
-    def _too_small(self, n: int, missing: list[str]) -> None:
-        cuts = " and a ".join("validation" if s == "val" else s for s in missing)
-        fix = "add samples"
-        if "test" in missing:
-            k = len(missing)
-            fix += f", or set data.test_fraction=0 (then {k} {'is' if k == 1 else 'are'} enough)"
-        raise DataError(f"data.root '{self.cfg.root}' holds {n} sample{'s' * (n != 1)}: too few "
-                        f"to cut a {cuts} split from (data.val_fraction, data.test_fraction: at "
-                        "least one sample each) and keep one for training; it needs at least "
-                        f"{len(missing) + 1} (one per split): {fix}")
 
     def _check_captions(self) -> None:
         """Every caption of every split, read once (no image decoded), checked against the
@@ -150,9 +130,10 @@ class TriplesDataModule(L.LightningDataModule):
             rank_zero_only(log.warning)("%s", message)
 
     def _checked(self, dataset: TriplesDataset, split: str) -> TriplesDataset:
-        """Scan the split when asked to (skip_bad_samples, or conditions to precompute)."""
+        """Scan the split to precompute conditions (the data check has already left out, or
+        refused, unreadable samples)."""
         cfg = self.cfg
-        if cfg.skip_bad_samples or (self.conditions is not None and cfg.precompute_conditions):
+        if self.conditions is not None and cfg.precompute_conditions:
             kept, bad = dataset.scan(cfg.skip_bad_samples)
             if bad:
                 log.warning("data: skipped %d unreadable %s sample(s); first: %s", len(bad),
@@ -165,11 +146,22 @@ class TriplesDataModule(L.LightningDataModule):
                             "samples or fix the unreadable ones")
         return dataset
 
+    def _on_gpu(self) -> bool:
+        """Whether batches go to a GPU: the trainer's device once attached, else CUDA's presence."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            return trainer.strategy.root_device.type == "cuda"
+        return torch.cuda.is_available()
+
     def _loader(self, split: str, sampler=None, batch_size: int | None = None) -> DataLoader:
-        workers = self.cfg.num_workers
+        """data.num_workers=auto: on a GPU workers from the job's CPUs, pinned memory and
+        persistent workers; on a CPU none (cnexp/data/workers.py), as before."""
+        gpu, trainer = self._on_gpu(), getattr(self, "trainer", None)
+        workers = resolve_workers(self.cfg.num_workers, gpu,
+                                  trainer.num_devices if trainer is not None else 1)
         return DataLoader(self.datasets[split], batch_size=batch_size or self.cfg.batch_size,
                           sampler=sampler, num_workers=workers, drop_last=sampler is not None,
-                          persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=workers > 0, pin_memory=gpu,
                           # seeds the workers' RNG (random crops, caption picks) per epoch
                           generator=torch.Generator().manual_seed(self.seed))
 
@@ -186,10 +178,21 @@ class TriplesDataModule(L.LightningDataModule):
                             f"multiple of {world}")
         sampler = ResumableShuffleSampler(len(self.datasets["train"]), batch, self.seed, consumed,
                                           rank, world)
+        # the module's frozen-encoder cache holds every training image's latents (it fills
+        # before the first step): the loader then leaves the target images undecoded
+        cache = getattr(getattr(trainer, "lightning_module", None), "cache", None)
+        self.datasets["train"].latents_cached = bool(getattr(cache, "use_latents", False))
         return self._loader("train", sampler, batch // world)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("val")
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        # sample indices stay host ints (the frozen-encoder cache looks rows up by them): moved
+        # to the device with the batch, reading them back in the step would wait for the device
+        if isinstance(batch, dict) and torch.is_tensor(batch.get("index")):
+            batch["index"] = batch["index"].tolist()
+        return batch
 
     def eval_batch(self) -> dict:
         """The fixed evaluation set: the first `eval_size` validation triples (first caption,

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
 from cnexp.data.cache import ConditionCache
@@ -22,6 +23,12 @@ class Source(Protocol):
 
     def load(self, index: int) -> Sample: ...
 
+    # optional, to skip a decode (else `load`): image + captions without the condition (the
+    # encoder cache's fill), and (condition, the image's (w, h), origin) without the image
+    def load_image(self, index: int) -> Sample: ...
+
+    def load_condition(self, index: int) -> tuple[Image.Image, tuple[int, int], str]: ...
+
     def captions(self, index: int) -> list[str]: ...  # without decoding the images
     def fingerprint(self) -> str: ...  # changes when any sample's file or caption changes
 
@@ -34,6 +41,10 @@ class TriplesDataset(Dataset):
     RNG: seeded by seed_everything in the main process and by the DataLoader's generator in its
     workers, so an epoch is reproducible. Evaluation items (train=False) are a pure function of
     the index: first caption, center crop.
+
+    `latents_cached` (set by the datamodule when the frozen-encoder cache holds every training
+    image's latents): items carry an empty "image" and, where the source can read the condition
+    alone (load_condition) and no annotator needs the image, the target image is not decoded.
     """
 
     def __init__(self, source: Source, resolution: int, indices: list[int] | None = None,
@@ -42,6 +53,7 @@ class TriplesDataset(Dataset):
         self.source, self.resolution = source, resolution
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.train, self.random_crop, self.conditions = train, random_crop, conditions
+        self.latents_cached = False
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -60,25 +72,54 @@ class TriplesDataset(Dataset):
                                        self.resolution)
         return image, condition, sample
 
+    def _condition_alone(self, index: int) -> tuple[np.ndarray, list[str]] | None:
+        """The resized condition and the captions without decoding the image, where possible."""
+        load = getattr(self.source, "load_condition", None)
+        if load is None or self.conditions is not None:  # an annotator needs the image
+            return None
+        condition, size, origin = load(index)
+        condition = resize_shorter(match_sizes(size, condition, origin), self.resolution)
+        return condition, self.source.captions(index) or [""]
+
     def __getitem__(self, i: int) -> dict:
         return self.item_and_captions(i)[0]
 
     def item_and_captions(self, i: int) -> tuple[dict, list[str]]:
-        """Item i and all of its sample's captions (the frozen-encoder cache encodes each)."""
+        """Item i and all of its sample's captions."""
         index = self.indices[i]
-        image, condition, sample = self.load_arrays(index)
+        alone = self._condition_alone(index) if self.latents_cached else None
+        if alone is None:
+            image, condition, sample = self.load_arrays(index)
+            captions = sample.captions or [""]
+        else:
+            (condition, captions), image = alone, None
         offset = tuple(torch.rand(2).tolist()) if self.train and self.random_crop else None
-        top, left = crop_box(*image.shape[:2], self.resolution, offset)
+        top, left = crop_box(*condition.shape[:2], self.resolution, offset)  # the image's shape
         window = (slice(top, top + self.resolution), slice(left, left + self.resolution))
-        image, condition = image[window], condition[window]  # the same pixels of both
-        captions = sample.captions or [""]
         pick = int(torch.randint(len(captions), ())) if self.train and len(captions) > 1 else 0
         return {
-            "condition": torch.from_numpy(condition.copy()).permute(2, 0, 1).float() / 255.0,
-            "image": torch.from_numpy(image.copy()).permute(2, 0, 1).float() / 127.5 - 1.0,
+            "condition": _to_tensor(condition[window]).div_(255.0),  # the image's pixels
+            # cached latents stand for the image: an empty tensor keeps the batch's keys
+            "image": (torch.empty(0) if self.latents_cached
+                      else _to_tensor(image[window]).div_(127.5).sub_(1.0)),
             "caption": captions[pick],
             "index": index,
         }, captions
+
+    def fill_item(self, i: int, image: bool = True) -> dict:
+        """What the frozen-encoder cache's fill encodes of item i: the image as training sees it
+        uncached (center crop) unless image=False, and all captions; the condition is never
+        decoded and no random number is drawn."""
+        index = self.indices[i]
+        if not image:
+            return {"index": index, "captions": self.source.captions(index) or [""]}
+        load = getattr(self.source, "load_image", self.source.load)
+        sample = load(index)
+        pixels = resize_shorter(sample.image, self.resolution)
+        top, left = crop_box(*pixels.shape[:2], self.resolution, None)
+        window = (slice(top, top + self.resolution), slice(left, left + self.resolution))
+        return {"image": _to_tensor(pixels[window]).div_(127.5).sub_(1.0), "index": index,
+                "captions": sample.captions or [""]}
 
     def fingerprint(self) -> str:
         """What the items are made of, cheaply (no image decoded): the source's fingerprint,
@@ -103,3 +144,9 @@ class TriplesDataset(Dataset):
                     raise
                 bad.append(str(err))
         return kept, bad
+
+
+def _to_tensor(pixels: np.ndarray) -> torch.Tensor:
+    """uint8 (H, W, 3) -> float (3, H, W), values unscaled. Transposed as bytes first: a float
+    conversion of the strided (permuted) view costs several times more at 512 px."""
+    return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1))).float()

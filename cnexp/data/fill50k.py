@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
+from PIL import Image
+
 from cnexp.data.dataset import TriplesDataset
-from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, open_rgb,
-                               path_in_root)
+from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, image_size,
+                               open_rgb, path_in_root, read_text)
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
@@ -37,7 +40,8 @@ def read_numbered_index(root: Path, need_source: bool = True) -> list[tuple[int,
     index = _check_root(Path(root))
     required = REQUIRED_KEYS if need_source else ("target", "prompt")
     records = []
-    for number, line in enumerate(index.read_text().splitlines(), start=1):
+    # "\n" only: str.splitlines would also split at U+2028 and other separators inside a caption
+    for number, line in enumerate(read_text(index).split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -83,6 +87,22 @@ class Fill50kSource:
                               condition=True) if self.with_condition else None)
         return Sample(image, condition, self.captions(index), where)
 
+    def load_image(self, index: int) -> Sample:
+        """The image and captions; the condition is not decoded (the encoder cache's fill)."""
+        number, record = self.records[index]
+        where = f"{self.root / 'prompt.json'}:{number}"
+        image = open_rgb(self.root / record["target"], origin=f"'target' of {where}")
+        return Sample(image, None, self.captions(index), where)
+
+    def load_condition(self, index: int) -> tuple[Image.Image, tuple[int, int], str]:
+        """The condition, the image's (width, height) read from its header, and where the sample
+        comes from: training from cached latents never decodes the image."""
+        number, record = self.records[index]
+        where = f"{self.root / 'prompt.json'}:{number}"
+        size = image_size(self.root / record["target"], origin=f"'target' of {where}")
+        return (open_rgb(self.root / record["source"], origin=f"'source' of {where}",
+                         condition=True), size, where)
+
     def captions(self, index: int) -> list[str]:
         number, record = self.records[index]
         return caption_list(record["prompt"], f"{self.root / 'prompt.json'}:{number}", "'prompt'")
@@ -94,6 +114,23 @@ class Fill50kSource:
         index = (self.root / "prompt.json").read_bytes()
         stamps = file_stamps(self.root, [record["target"] for _, record in self.records])
         return hashlib.sha1(index + json.dumps(stamps).encode()).hexdigest()
+
+    def content_fingerprint(self) -> str:
+        """fingerprint() and the condition files too: what the data check's scan depends on."""
+        names = [record["source"] for _, record in self.records] if self.with_condition else []
+        stamps = json.dumps(file_stamps(self.root, names)).encode()
+        return hashlib.sha1(self.fingerprint().encode() + stamps).hexdigest()
+
+    def files(self, index: int) -> list[str]:
+        """The files the entry names (normalised): the same files twice is a repeated entry."""
+        _, record = self.records[index]
+        keys = ("target", "source") if self.with_condition else ("target",)
+        return [os.path.normpath(record[k]) for k in keys]
+
+    def name(self, index: int) -> str:
+        """The sample's target file and index line, for messages that list samples."""
+        number, record = self.records[index]
+        return f"{self.root / record['target']} ({self.root / 'prompt.json'}:{number})"
 
 
 class Fill50kDataset(TriplesDataset):

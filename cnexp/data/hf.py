@@ -12,7 +12,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from cnexp.data.images import DataError, Sample, open_rgb, path_in_root, to_rgb
+from cnexp.data.images import (DataError, Sample, image_size, open_rgb, path_in_root,
+                               to_rgb)
 
 log = logging.getLogger("cnexp")
 
@@ -143,6 +144,29 @@ class HFSource:
                                  f"'{conditioning_column}'", condition=True)
                      if conditioning_column else None)
         return Sample(image, condition, _captions(row[caption_column]), where)
+
+    def load_condition(self, index: int) -> tuple[Image.Image, tuple[int, int], str]:
+        """The condition and the image's (width, height) from its header (training from cached
+        latents never decodes the image)."""
+        image_column, conditioning_column, _ = self.columns
+        row = self.table[index]
+        where = f"'{self.root}' split {self.split} row {index}"
+        value, image_where = row[image_column], f"{where} column '{image_column}'"
+        if isinstance(value, Image.Image):
+            size = to_rgb(value, image_where).size
+        elif isinstance(value, dict) and value.get("bytes"):
+            size = image_size(value["bytes"], image_where)
+        else:
+            path = value.get("path") if isinstance(value, dict) else value
+            if not (isinstance(path, str) and path):
+                self._image(value, image_where)  # raises the not-an-image error
+            size = image_size(self._path(path, image_where), image_where)
+        condition = self._image(row[conditioning_column], f"{where} column "
+                                f"'{conditioning_column}'", condition=True)
+        return condition, size, where
+
+    def name(self, index: int) -> str:
+        return f"'{self.root}' split {self.split} row {index}"
 
     def captions(self, index: int) -> list[str]:
         if self._captions is None:  # the caption column alone, without decoding any image

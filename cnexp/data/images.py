@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,11 +56,38 @@ def open_rgb(source: str | Path | bytes, origin: str, condition: bool = False) -
     except FileNotFoundError:
         raise UnreadableImage(f"{what} is missing ({origin}): restore the file or fix the "
                               "entry that names it") from None
-    except OSError as err:  # PIL's UnidentifiedImageError and truncated files are OSErrors
+    except Image.DecompressionBombError as err:  # not an OSError: it would be a traceback
+        raise UnreadableImage(f"{what} is too large to decode safely ({origin}; {err}): "
+                              "downscale it, or set data.skip_bad_samples=true to leave such "
+                              "samples out") from None
+    # PIL's UnidentifiedImageError and truncated files are OSErrors; some decoders raise
+    # SyntaxError or struct.error on a damaged header
+    except (OSError, SyntaxError, struct.error) as err:
         verb = "are" if isinstance(source, bytes) else "is"
         raise UnreadableImage(f"{what} {verb} corrupt or not an image ({origin}; {err}): "
                               "replace it, or set data.skip_bad_samples=true to leave such "
                               "samples out") from None
+
+
+# EXIF orientations that turn the stored frame by 90 degrees (exif_transpose swaps its sides)
+TURNED = (5, 6, 7, 8)
+
+
+def image_size(source: str | Path | bytes, origin: str) -> tuple[int, int]:
+    """(width, height) that open_rgb would give, read from the file's header only (no pixels
+    decoded): training from cached latents needs the image's size, not the image."""
+    what = "image bytes" if isinstance(source, bytes) else f"image file {source}"
+    try:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
+            (w, h), orientation = img.size, img.getexif().get(0x0112, 1)  # 0x0112: Orientation
+    except FileNotFoundError:
+        raise UnreadableImage(f"{what} is missing ({origin}): restore the file or fix the "
+                              "entry that names it") from None
+    except (OSError, SyntaxError, struct.error, Image.DecompressionBombError) as err:
+        raise UnreadableImage(f"{what} is corrupt or not an image ({origin}; {err}): replace "
+                              "it, or set data.skip_bad_samples=true to leave such samples "
+                              "out") from None
+    return (h, w) if orientation in TURNED else (w, h)
 
 
 # Pillow's convert("RGB") clips 16- and 32-bit values at 255 (a 16-bit PNG turns white) and
@@ -90,15 +118,32 @@ def to_rgb(img: Image.Image, name: str, condition: bool = False) -> Image.Image:
     8 bits, and fully transparent pixels (whose stored colour is arbitrary) set to the role's
     background: white for an image, black (ControlNet's convention) for a condition. Partly
     transparent pixels keep their colour. `name` says which file, for errors."""
+    stored = img.mode  # kept in the result's info: the data check reports the modes met
     img = ImageOps.exif_transpose(img)
     if img.mode == "F" or img.mode == "I" or img.mode.startswith("I;16"):
         img = _grey_to_l(img, name)
     has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info
     if not has_alpha:
-        return img.convert("RGB")
-    rgba = np.array(img.convert("RGBA"))
-    rgba[rgba[..., 3] == 0, :3] = 0 if condition else 255
-    return Image.fromarray(rgba[..., :3])
+        rgb = img.convert("RGB")
+    else:
+        rgba = np.array(img.convert("RGBA"))
+        rgba[rgba[..., 3] == 0, :3] = 0 if condition else 255
+        rgb = Image.fromarray(rgba[..., :3])
+    rgb.info["cnexp_mode"] = stored
+    return rgb
+
+
+def read_text(path: Path) -> str:
+    """A text file of a data set (index, metadata, caption sidecar) as UTF-8; a byte-order mark
+    (Windows editors write one) is read, not refused; another encoding is one message."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = data[:err.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line} is not UTF-8 (byte {data[err.start]:#04x} at offset "
+                        f"{err.start}): save the file as UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+                        ) from None
 
 
 def path_in_root(root: Path, value, where: str, field: str) -> Path:
@@ -117,16 +162,19 @@ def path_in_root(root: Path, value, where: str, field: str) -> Path:
     return Path(path)
 
 
-def match_sizes(image: Image.Image, condition: Image.Image, origin: str) -> Image.Image:
-    """The condition at the image's size, when it is the same frame at another scale."""
-    if condition.size == image.size:
+def match_sizes(image: Image.Image | tuple[int, int], condition: Image.Image,
+                origin: str) -> Image.Image:
+    """The condition at the image's size (the image, or its (width, height)), when it is the
+    same frame at another scale."""
+    size = image if isinstance(image, tuple) else image.size
+    if condition.size == size:
         return condition
-    (w, h), (cw, ch) = image.size, condition.size
+    (w, h), (cw, ch) = size, condition.size
     if abs(w / h - cw / ch) > ASPECT_TOLERANCE * (w / h):
         raise DataError(f"{origin}: condition is {cw}x{ch} but image is {w}x{h}; their aspect "
                         "ratios differ, so no resize or crop can align them pixel for pixel. "
                         "Store the condition at the image's size (or the same aspect ratio)")
-    return condition.resize(image.size, Image.BICUBIC)
+    return condition.resize(size, Image.BICUBIC)
 
 
 def resize_shorter(img: Image.Image, resolution: int) -> np.ndarray:
