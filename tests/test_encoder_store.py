@@ -255,5 +255,5 @@ def test_sd_preset_with_a_local_base_trains_offline_with_evaluation_off(tmp_path
                        "control.conditioning_embedding_out_channels=[16,32,64]",
                        "eval.enabled=false", "logger.mode=disabled", "trainer.max_steps=2",
                        f"cache.dir={tmp_path / 'encoders'}"], out_dir=tmp_path / "run")
-    assert cfg.base.clip_model == "openai/clip-vit-base-patch16" and cfg.cache.fill_batch == 16
+    assert cfg.base.clip_model == "openai/clip-vit-large-patch14" and cfg.cache.fill_batch == 16
     assert train(cfg)["steps"] == 2
