@@ -19,7 +19,9 @@ from cnexp.errors import CnexpError
 from cnexp.record import finished_run
 from cnexp.rundir import wanted_resume
 from cnexp.signals import RunStopped, StopSignals
-from cnexp.sweep import in_multirun, machine_info, record_failure, split_threads, write_status
+from cnexp.storage import SpaceReserve, StorageError, as_storage_error
+from cnexp.sweep import (in_multirun, is_rank_zero, machine_info, record_failure, split_threads,
+                         write_status)
 
 register_configs()
 log = logging.getLogger("cnexp")
@@ -31,6 +33,7 @@ def main(cfg: DictConfig) -> None:
     signals = StopSignals().install()
     split_threads()
     started = time.time()
+    reserve = SpaceReserve(out_dir)  # room for status.json and error.txt on a disk that fills
     try:
         from cnexp.train import train  # heavy imports after Hydra has parsed the command line
 
@@ -38,6 +41,8 @@ def main(cfg: DictConfig) -> None:
             log.info("%s already finished (ckpt_path=auto): nothing to do", out_dir)
             return
         write_status(out_dir, "running")
+        if is_rank_zero():
+            reserve.hold()
         train(cfg, signals)
     except RunStopped as stop:
         resume = f"python run.py hydra.run.dir={out_dir} ckpt_path=last"
@@ -48,6 +53,11 @@ def main(cfg: DictConfig) -> None:
         signals.chain()  # a cluster's own handler (submitit's requeue) runs after the save
         sys.exit(stop.exit_code)
     except Exception as err:  # recorded in the job's directory, then reported
+        reserve.release()  # its blocks let the record below be written on a full disk
+        # a full disk (quota, I/O error) anywhere: one message naming the file and the room left
+        err = as_storage_error(err, out_dir)
+        if isinstance(err, StorageError):  # the run's log file is on that disk too: no
+            logging.raiseExceptions = False  # "--- Logging error ---" traceback per line
         record_failure(out_dir, err)
         user_error = isinstance(err, CnexpError)  # a user-fixable problem: the message suffices
         if in_multirun():  # the other jobs go on; the sweep summary lists this one
@@ -59,6 +69,7 @@ def main(cfg: DictConfig) -> None:
             sys.exit(2)
         raise
     finally:
+        reserve.release()
         if signals.phase != "stopping":  # a stopping process keeps ignoring late signals
             signals.restore()
     write_status(out_dir, "ok", seconds=round(time.time() - started, 1), **machine_info())

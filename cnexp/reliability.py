@@ -1,8 +1,8 @@
-"""Guards for long runs: non-finite losses/gradients, checkpoint files (signals: signals.py)."""
+"""Guards for long runs: checkpoint files; non-finite losses/gradients (finite.py), signals
+(signals.py)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import pickle
@@ -14,71 +14,21 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnexp.errors import CnexpError
+from cnexp.finite import NonFiniteError, NonFiniteGuard  # noqa: F401  (the guard lives there)
+from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
 log = logging.getLogger("cnexp")
-
-
-class NonFiniteError(CnexpError):
-    pass
 
 
 class CheckpointError(CnexpError):
     pass
 
 
+class CheckpointStorageError(CheckpointError, StorageError):
+    """A checkpoint the disk had no room (quota, I/O) for; the previous one is intact."""
+
+
 SHOWN_KEYS = 3  # differing state-dict keys named in a mismatch message
-
-
-class NonFiniteGuard(L.Callback):
-    """A NaN/inf loss or gradient stops the run (`stop`) or skips that optimizer step (`skip`);
-    finite gradients are clipped to `clip_norm` (trainer.gradient_clip_val) with the same norm.
-
-    Stopping raises before the optimizer step, so the weights and the last checkpoint on disk are
-    the last good ones. One host sync per step (a single foreach norm over all gradients), which
-    Lightning's own clipping would take a second time: train.py leaves the clipping to the guard.
-    """
-
-    def __init__(self, action: str = "stop", checkpoint_dir: Path | None = None,
-                 clip_norm: float | None = None):
-        self.action = action
-        self.checkpoint_dir = checkpoint_dir
-        self.clip_norm = clip_norm
-        self.skipped = 0
-
-    def state_dict(self) -> dict:  # a resumed run keeps counting
-        return {"skipped": self.skipped}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.skipped = int(state.get("skipped", 0))
-
-    def _fail(self, trainer, what: str) -> None:
-        where = f"; the last good checkpoint is in {self.checkpoint_dir}" if self.checkpoint_dir else ""
-        raise NonFiniteError(
-            f"non-finite {what} at step {trainer.global_step}{where}. Lower optim.lr, check the "
-            "data, or set trainer.on_nonfinite=skip to skip such steps")
-
-    def on_before_backward(self, trainer, module, loss: torch.Tensor) -> None:
-        if self.action == "stop" and not torch.isfinite(loss):
-            self._fail(trainer, f"loss ({loss.item()})")
-
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        params = [p for group in optimizer.param_groups for p in group["params"]
-                  if p.grad is not None]
-        if not params:
-            return
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # inf/nan anywhere shows
-        if torch.isfinite(norm):
-            if self.clip_norm:  # as clip_grad_norm_ would, without taking the norm again
-                torch.nn.utils.clip_grads_with_norm_(params, self.clip_norm, norm)
-            return
-        if self.action == "stop":
-            self._fail(trainer, "gradient")
-        for p in params:  # a parameter without grad is left untouched
-            p.grad = None
-        self.skipped += 1
-        log.warning("skipped step %d: non-finite gradient (%d skipped so far)",
-                    trainer.global_step, self.skipped)
-        module.log("train/skipped_steps", float(self.skipped))
 
 
 class SafeCheckpointIO(TorchCheckpointIO):
@@ -107,10 +57,15 @@ class SafeCheckpointIO(TorchCheckpointIO):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
-        except OSError as err:
+        except BaseException as err:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)  # a partial file would only hold the space
-            raise CheckpointError(_save_failure(path, err)) from None
+            # a full disk: Python's OSError, or torch.save's RuntimeError around it
+            cause = storage_failure(err) or (err if isinstance(err, OSError) else None)
+            if cause is None:
+                raise
+            raise CheckpointStorageError(_save_failure(path, cause),
+                                         getattr(cause, "errno", None)) from None
 
     def load_checkpoint(self, path, *args: Any, **kwargs: Any) -> dict:
         use = "use a .ckpt file from a run's checkpoints/ directory"
@@ -131,12 +86,12 @@ class SafeCheckpointIO(TorchCheckpointIO):
         return checkpoint
 
 
-def _save_failure(path: Path, err: OSError) -> str:
-    what = "disk full" if err.errno in (errno.ENOSPC, errno.EDQUOT) else "write failed"
+def _save_failure(path: Path, err: BaseException) -> str:
     kept = sorted(str(p) for p in path.parent.glob("*.ckpt"))
     previous = (f"the previous checkpoint(s) are intact: {', '.join(kept)}" if kept
                 else "no earlier checkpoint exists")
-    return (f"could not save checkpoint {path}: {what} ({err.strerror or err}); {previous}. "
+    return (f"could not save checkpoint {path}: {what_failed(err)}; {previous}; "
+            f"{free_space(path)}. "
             "Free space (or set hydra.run.dir on a disk with room), then resume with "
             "ckpt_path=<a checkpoint above> (ckpt_path=last in the same run directory)")
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -20,6 +21,9 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 
 from cnexp.fileio import atomic_write
+from cnexp.storage import storage_failure
+
+log = logging.getLogger("cnexp")
 
 LOSS = "train/loss"
 
@@ -77,7 +81,12 @@ class RunLog(L.Callback):
         self.write_csv()
 
     def on_exception(self, trainer, module, exception) -> None:
-        self.write_csv()
+        # best effort: a second failure here would bury the first (on a full disk it is the same)
+        try:
+            self.write_csv()
+        except OSError as err:
+            if storage_failure(exception) is None:
+                log.warning("could not write %s: %s", self.csv_path, err)
 
     # ---- the CSV ------------------------------------------------------------------------------
     def rows(self) -> list[dict]:

@@ -6,11 +6,9 @@ interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.analysis
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import re
 import socket
 import sys
 import time
@@ -23,9 +21,8 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from cnexp.overrides import NOT_KNOBS, knob_diff, swept_keys
-from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, RecordError
-from cnexp.record import read_status as read_status_strict
+from cnexp.overrides import job_stem, knob_diff, knobs_suffix, swept_keys
+from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, read_status
 from cnexp.storage import write_small
 
 log = logging.getLogger("cnexp")
@@ -67,15 +64,6 @@ def machine_info() -> dict[str, Any]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpus": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu}
-
-
-def read_status(run_dir: Path) -> Optional[dict]:
-    """status.json, or None when it is absent or not one a run writes (the sweep summary must
-    not fail over one job's file; compare reports such a job as broken)."""
-    try:
-        return read_status_strict(run_dir)
-    except RecordError:
-        return None
 
 
 def record_failure(out_dir: Path, err: BaseException) -> None:
@@ -142,38 +130,10 @@ def sweep_name() -> Optional[str]:
     return "_".join(parts[-2:]) if len(parts) >= 2 else parts[-1]
 
 
-# A job's name: <ablation>-s<seed>, then the other swept overrides as key=value (last part of
-# the key), e.g. baseline-s0_branch=lite. Characters a path or URL would misread become "-";
-# when that or the length cap loses anything, "~" + a hash of the overrides keeps names unique.
-NAMED_ELSEWHERE = ("ablation", "seed")
-KNOBS_MAX = 60
-UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
-
-
-def knobs_suffix(task_overrides: list[str], swept: Optional[frozenset]) -> str:
-    """`_key=value...` of the job's overrides of swept keys (all of its knob overrides when the
-    swept ones are unknown), or "" when there are none."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parts = []
-    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
-        key = override.key_or_group
-        if key in NAMED_ELSEWHERE or (swept is not None and key not in swept) or \
-                (swept is None and key.startswith(NOT_KNOBS)):
-            continue
-        value = override.get_value_element_as_str()
-        parts.append(f"{key.replace('/', '.').split('.')[-1]}={value}")
-    raw = "_".join(parts)
-    safe = UNSAFE.sub("-", raw)
-    if safe != raw or len(safe) > KNOBS_MAX:
-        safe = safe[:KNOBS_MAX - 7] + "~" + hashlib.sha1(raw.encode()).hexdigest()[:6]
-    return "_" + safe if safe else ""
-
-
 def job_name(ablation: str, seed: int) -> str:
     """The job's directory (after its number) and W&B name; in a single run <ablation>-s<seed>
     (its directory is timestamped, its knobs are W&B tags)."""
-    name = f"{ablation}-s{seed}"
+    name = job_stem(ablation, seed)
     if not in_multirun():
         return name
     hydra = _hydra()
@@ -206,7 +166,7 @@ class SweepSummary(Callback):
         sweep_dir = Path(str(config.hydra.sweep.dir))
         job_dirs = sorted((p.parent for p in sweep_dir.glob(f"*/{STATUS_FILE}")),
                           key=lambda d: (len(d.name.split("_")[0]), d.name))  # 2_ before 10_
-        statuses = {d: read_status(d) for d in job_dirs}
+        statuses = {d: read_status(d, strict=False) for d in job_dirs}
         failed = {d: s for d, s in statuses.items() if s and s.get("status") == "failed"}
         stopped = {d: s for d, s in statuses.items()
                    if s and s.get("status") in ("preempted", "interrupted")}

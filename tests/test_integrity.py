@@ -284,7 +284,7 @@ def test_a_requeued_slurm_job_continues_its_run_rather_than_being_refused(tmp_pa
     from cnexp.rundir import resume_path, wanted_resume
 
     (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "checkpoints" / "last.ckpt")
     assert wanted_resume(None) is None  # a fresh run: starts fresh
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     assert resume_path(wanted_resume(None), tmp_path) == str(tmp_path / "checkpoints" / "last.ckpt")
