@@ -10,8 +10,10 @@ the schema and applies them to the composed config.
 """
 from __future__ import annotations
 
+import ast
 from dataclasses import dataclass
 from enum import Enum
+from pathlib import Path
 from typing import Any, Callable, Union
 
 
@@ -25,12 +27,29 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-class Branch(Choice):
-    """control.branch: the trainable network (cnexp/control/: one module per branch)."""
-    copy = "copy"  # ControlNetModel.from_unet: trainable copy of the encoder (paper)
-    scratch = "scratch"  # the copy's architecture, randomly initialised
-    lite = "lite"  # one conv per encoder block (paper's ControlNet-lite)
-    xs = "xs"  # diffusers' ControlNet-XS, fused with a frozen copy of the base
+CONTROL_PACKAGE = Path(__file__).resolve().parent / "control"
+
+
+def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
+    """The `name` of every `@register`-decorated class in the modules of `directory`, read from
+    their source: the choices of control.branch come from the branch modules themselves, without
+    importing them (and diffusers) before Hydra composes. cnexp/control/__init__.py imports the
+    same modules, so the registry and these choices agree (tests/test_branch_registry.py)."""
+    names = []
+    for path in sorted(directory.glob("*.py")):
+        for node in ast.parse(path.read_text(), str(path)).body:
+            if isinstance(node, ast.ClassDef) and any(
+                    getattr(d, "id", getattr(d, "attr", None)) == "register"
+                    for d in node.decorator_list):
+                names += [stmt.value.value for stmt in node.body if isinstance(stmt, ast.Assign)
+                          and [getattr(t, "id", None) for t in stmt.targets] == ["name"]
+                          and isinstance(stmt.value, ast.Constant)]
+    return names
+
+
+# control.branch: the trainable network, one module per branch in cnexp/control/ (copy, scratch:
+# trainable_copy.py; lite; xs; lora_copy; t2i_adapter; see docs/ablations.md)
+Branch = Choice("Branch", {name: name for name in declared_branches()})
 
 
 class ConnectorInit(Choice):
@@ -40,6 +59,18 @@ class ConnectorInit(Choice):
     kaiming = "kaiming"
     xavier = "xavier"
     default = "default"  # PyTorch's own conv init (biases too)
+
+
+class Connector(Choice):
+    """control.connector: how a connector's output enters the UNet (cnexp/control/)."""
+    conv = "conv"  # as the conv gives it (the paper)
+    cross_norm = "cross_norm"  # ControlNeXt: normalised with the frozen UNet's statistics
+
+
+class AdapterType(Choice):
+    """control.adapter_type: diffusers' T2I-Adapter variant (control.branch=t2i_adapter)."""
+    full = "full"  # full_adapter (full_adapter_xl on bases whose first block does not attend)
+    light = "light"  # light_adapter
 
 
 class InitScope(Choice):
@@ -58,6 +89,13 @@ class Layout(Choice):
 class Crop(Choice):
     center = "center"
     random = "random"  # training split only, seeded
+
+
+class Duplicates(Choice):
+    """data.duplicates: samples whose decoded condition and target are identical
+    (cnexp/data/check.py). Each such group always lands on one side of a cut split."""
+    keep = "keep"  # every copy; refused: the same entry listed twice, a group across given splits
+    drop = "drop"  # one copy of each group (a held-out one first), the others left out
 
 
 class Scheduler(Choice):

@@ -26,14 +26,15 @@ def setup(root, tokenizer=None, **overrides) -> TriplesDataModule:
 
 
 def fill50k(root, records):
-    """records: dicts of prompt.json lines; images named in them are written as red squares."""
+    """records: dicts of prompt.json lines; images named in them are written as red squares,
+    each a shade apart (identical samples would be one content group for the split)."""
     root.mkdir(parents=True, exist_ok=True)
-    for record in records:
+    for k, record in enumerate(records):
         for key in ("source", "target"):
             path = root / record[key]
             if ".." not in record[key] and not path.exists():
                 path.parent.mkdir(parents=True, exist_ok=True)
-                Image.new("RGB", (16, 16), "red").save(path)
+                Image.new("RGB", (16, 16), (255, k, 0)).save(path)
     (root / "prompt.json").write_text("".join(json.dumps(r) + "\n" for r in records))
     return root
 

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
+import os
 from pathlib import Path
 
 from cnexp.data.images import (IMAGE_SUFFIXES, DataError, Sample, caption_list, file_stamps,
-                               open_rgb, path_in_root)
+                               open_rgb, path_in_root, read_text)
 
 
 def _check_column(record: dict, column: str, where: str) -> None:
@@ -26,7 +28,7 @@ def _check_column(record: dict, column: str, where: str) -> None:
 
 def _read_jsonl(path: Path, column: str) -> list[tuple[str, list[str], str]]:
     entries = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -45,8 +47,7 @@ def _read_jsonl(path: Path, column: str) -> list[tuple[str, list[str], str]]:
 
 
 def _read_csv(path: Path, column: str) -> list[tuple[str, list[str], str]]:
-    with path.open(newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = list(csv.DictReader(io.StringIO(read_text(path), newline="")))
     entries = []
     for number, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}:{number}"
@@ -65,7 +66,7 @@ def _read_sidecars(root: Path, exclude: Path | None) -> list[tuple[str, list[str
         if exclude is not None and image.is_relative_to(exclude):
             continue  # e.g. the condition cache, when it lives inside the image folder
         sidecar = image.with_suffix(".txt")
-        captions = ([c.strip() for c in sidecar.read_text().splitlines() if c.strip()]
+        captions = ([c.strip() for c in read_text(sidecar).splitlines() if c.strip()]
                     if sidecar.exists() else [])
         entries.append((str(image.relative_to(root)), captions or [""], str(image)))
     return entries
@@ -105,3 +106,11 @@ class CaptionsSource:
 
     def captions(self, index: int) -> list[str]:
         return self.entries[index][1]
+
+    def files(self, index: int) -> list[str]:
+        return [os.path.normpath(self.entries[index][0])]
+
+    def name(self, index: int) -> str:
+        file_name, _, where = self.entries[index]
+        path = str(self.root / file_name)
+        return path if where == str((self.root / file_name).resolve()) else f"{path} ({where})"
