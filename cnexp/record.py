@@ -7,7 +7,9 @@ raises `RecordError` naming the file and the field otherwise, so no reader guess
 Version history: 1 (no `version` key) = the fields below up to `sudden_convergence`;
 2 adds `version`, `losses` (train loss at every log step), `resumed_at` (the steps a run was
 resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a resumed run;
-3 adds `final_images` (each evaluation image's fidelity scores at the last full evaluation).
+3 adds `final_images` (each evaluation image's fidelity scores at the last full evaluation);
+4 adds `data_check` (the data check's counts: samples per split, duplicates and how they were
+handled, samples left out or refused; cnexp/data/check.py).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Any, Optional
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write_json
 
-RECORD_VERSION = 3
+RECORD_VERSION = 4
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"  # a failed run's traceback
@@ -53,6 +55,7 @@ class RunMetrics:
     resumed_at: list[int] = field(default_factory=list)
     # "eval/<setting>/<metric>" -> one score per evaluation image, in the set's order
     final_images: dict[str, list[float]] = field(default_factory=dict)
+    data_check: dict[str, Any] = field(default_factory=dict)  # what the data check counted
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict:
@@ -132,6 +135,8 @@ def read_metrics(path: str | Path) -> RunMetrics:
     if not isinstance(images, dict) or not all(
             isinstance(v, list) and all(_is_number(x) for x in v) for v in images.values()):
         raise RecordError(f"{path}: field 'final_images' must be an object of lists of numbers")
+    if not isinstance(data.get("data_check", {}), dict):
+        raise RecordError(f"{path}: field 'data_check' must be an object")
     if not isinstance(data.get("sudden_convergence", {}), dict):
         raise RecordError(f"{path}: field 'sudden_convergence' must be an object")
     for name in ("base_damage_step0", "final_loss", "fit_seconds", "eval_seconds",
@@ -141,16 +146,23 @@ def read_metrics(path: str | Path) -> RunMetrics:
     return RunMetrics(**{k: v for k, v in data.items() if k in known})
 
 
-def read_status(run_dir: str | Path) -> Optional[dict]:
+def read_status(run_dir: str | Path, strict: bool = True) -> Optional[dict]:
     """status.json of a run directory; None if there is none (the job never started).
-    RecordError if it is not one a run writes."""
+    RecordError if it is not one a run writes; with strict=False, None then too (a sweep's
+    summary must not fail over one job's file; compare reports such a job as broken)."""
     path = Path(run_dir) / STATUS_FILE
     if not path.exists():
         return None
-    data = _load_json(path)
-    if not isinstance(data, dict) or data.get("status") not in STATUSES:
-        got = data.get("status") if isinstance(data, dict) else data
-        raise RecordError(f"{path}: 'status' must be one of {', '.join(STATUSES)}, got {got!r}")
+    try:
+        data = _load_json(path)
+        if not isinstance(data, dict) or data.get("status") not in STATUSES:
+            got = data.get("status") if isinstance(data, dict) else data
+            raise RecordError(f"{path}: 'status' must be one of {', '.join(STATUSES)}, "
+                              f"got {got!r}")
+    except RecordError:
+        if strict:
+            raise
+        return None
     return data
 
 

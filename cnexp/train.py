@@ -160,7 +160,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
         eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
         losses=run_log.losses, resumed_at=run_log.resumed_at,
-        final_images=evaluation.final_images)
+        final_images=evaluation.final_images, data_check=data.data_check)
     if trainer.is_global_zero:
         if cfg.export:
             branch.export(controlnet, out_dir / "controlnet")

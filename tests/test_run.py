@@ -44,6 +44,9 @@ def test_run_writes_everything_and_says_where(short_run):
     assert list((out / "wandb").glob("offline-run-*")), "W&B offline run missing"
     metrics = json.loads((out / "metrics.json").read_text())
     assert {"eval/shape_iou", "eval/edge_f1"} <= set(metrics["final"])
+    # the data check's counts travel with the run (train/val/test sizes set by run_py)
+    assert metrics["data_check"]["samples"] == {"train": 32, "val": 8, "test": 8}
+    assert metrics["data_check"]["refused"] is False
     assert str(out / "controlnet") in stdout
 
 
