@@ -30,7 +30,7 @@ class BaseConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" weights on the hub
     clip_model: Optional[str] = None  # CLIP-score model (hub id or directory)
-    resolution: int = 512
+    resolution: int = 512  # its native size: data.resolution's default (conf/base/*.yaml)
 
 
 @dataclass

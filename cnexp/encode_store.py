@@ -28,7 +28,6 @@ import logging
 import os
 import socket
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from filelock import Timeout
 from tqdm.auto import tqdm
 
 from cnexp.encode_cache import FrozenEncoderCache, chunks_of, encode_chunk, fill_batches
-from cnexp.fileio import acquire, atomic_write, atomic_write_json, file_lock
+from cnexp.fileio import AtomicFile, acquire, atomic_write, atomic_write_json, file_lock
 
 log = logging.getLogger("cnexp")
 FORMAT = 2  # bump when the layout or the fill order changes (2: shards of SHARD_IMAGES, fill
@@ -71,8 +70,8 @@ class _RawWriter:
 
     def __init__(self, path: Path):
         self.path, self.rows, self.shape, self.dtype = path, 0, None, None
-        fd, self.tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        self.handle = os.fdopen(fd, "wb")
+        self.file = AtomicFile(path)
+        self.handle = self.file.handle
 
     def append(self, batch: torch.Tensor) -> None:
         batch = batch.detach().cpu().contiguous()
@@ -81,10 +80,7 @@ class _RawWriter:
         self.rows += len(batch)
 
     def commit(self) -> dict:
-        self.handle.flush()
-        os.fsync(self.handle.fileno())
-        self.handle.close()
-        os.replace(self.tmp, self.path)
+        self.file.commit()
         return {"file": self.path.name, "rows": self.rows, "shape": self.shape,
                 "dtype": str(self.dtype).removeprefix("torch.")}
 

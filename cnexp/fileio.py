@@ -28,22 +28,57 @@ from cnexp.storage import storage_error, storage_errors, storage_failure
 log = logging.getLogger("cnexp")
 
 
+class AtomicFile:
+    """The one atomic replacement: a uniquely named temporary file beside `path` (`handle`,
+    binary) that `commit()` flushes, fsyncs and renames over `path`, or `abort()` removes. As a
+    context manager it commits on success and aborts on any error (which it lets through);
+    a writer that appends over many calls (cnexp/encode_store.py) calls them itself."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                        dir=self.path.parent)
+        os.close(fd)
+        self.handle = open(self.tmp, "wb")  # by name: handle.name says which file it is
+
+    def commit(self) -> None:
+        self.handle.flush()
+        os.fsync(self.handle.fileno())
+        self.handle.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        """Remove the temporary file (a partial one would only hold the space)."""
+        with contextlib.suppress(OSError):
+            self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp)
+
+    def __enter__(self):
+        return self.handle
+
+    def __exit__(self, kind, err, tb) -> None:
+        if kind is None:
+            try:
+                self.commit()
+            except BaseException:
+                self.abort()
+                raise
+        else:
+            self.abort()
+
+
 def atomic_write(path: str | Path, data: bytes | str) -> None:
     """Write `data` to `path` so that readers see the old file or the new one, never a mix."""
     path = Path(path)
     payload = data.encode() if isinstance(data, str) else data
     with storage_errors(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        target = AtomicFile(path)
     try:
-        with os.fdopen(fd, "wb") as f:
+        with target as f:
             f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
         cause = storage_failure(err)
         if cause is None:
             raise

@@ -37,6 +37,7 @@ class ControlNetModule(L.LightningModule):
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.controlnet = controlnet
         self.branch = branch or branch_of(controlnet)
+        self.branch.bind(controlnet, self.unet)  # a branch that reads the frozen UNet (cross_norm)
         self.optim = optim
         self.seed = seed
         self.cache = cache or FrozenEncoderCache(latents=False, text=False)

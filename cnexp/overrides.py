@@ -1,9 +1,12 @@
-"""Reading a sweep's overrides and a run's knobs: shared by the training side (job names, W&B
-tags: cnexp/sweep.py) and the analysis side (which knobs a sweep varied: cnexp/analysis/)."""
+"""Reading a sweep's overrides and a run's knobs, and a job's name: shared by the training side
+(job names, W&B tags: cnexp/sweep.py) and the analysis side (which knobs a sweep varied, a job's
+ablation and seed from its directory's name: cnexp/analysis/)."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -58,3 +61,37 @@ def swept_keys(sweep_dir: str) -> Optional[frozenset]:
     except Exception as err:  # noqa: BLE001 - a name must not stop a job; fall back below
         log.debug("could not read the swept keys of %s: %s", sweep_dir, err)
         return None
+
+
+# A job's name: <ablation>-s<seed>, then the other swept overrides as key=value (last part of
+# the key), e.g. baseline-s0_branch=lite. Characters a path or URL would misread become "-";
+# when that or the length cap loses anything, "~" + a hash of the overrides keeps names unique.
+NAMED_ELSEWHERE = ("ablation", "seed")
+# read back by cnexp/analysis/runs.py: 3_baseline-s1, 3_baseline-s1_lr=1e-4 (<number>_ from Hydra)
+JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+?)-s(?P<seed>\d+)(?:_(?P<knobs>.*=.*))?$")
+KNOBS_MAX = 60
+UNSAFE = re.compile(r"[^A-Za-z0-9._=+-]")
+
+
+def job_stem(ablation: str, seed: int) -> str:
+    return f"{ablation}-s{seed}"
+
+
+def knobs_suffix(task_overrides: list[str], swept: Optional[frozenset]) -> str:
+    """`_key=value...` of the job's overrides of swept keys (all of its knob overrides when the
+    swept ones are unknown), or "" when there are none."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parts = []
+    for override in OverridesParser.create().parse_overrides(list(task_overrides)):
+        key = override.key_or_group
+        if key in NAMED_ELSEWHERE or (swept is not None and key not in swept) or \
+                (swept is None and key.startswith(NOT_KNOBS)):
+            continue
+        value = override.get_value_element_as_str()
+        parts.append(f"{key.replace('/', '.').split('.')[-1]}={value}")
+    raw = "_".join(parts)
+    safe = UNSAFE.sub("-", raw)
+    if safe != raw or len(safe) > KNOBS_MAX:
+        safe = safe[:KNOBS_MAX - 7] + "~" + hashlib.sha1(raw.encode()).hexdigest()[:6]
+    return "_" + safe if safe else ""

@@ -2,9 +2,7 @@
 (signals.py)."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import pickle
 from pathlib import Path
 from typing import Any
@@ -14,6 +12,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnexp.errors import CnexpError
+from cnexp.fileio import AtomicFile
 from cnexp.finite import NonFiniteError, NonFiniteGuard  # noqa: F401  (the guard lives there)
 from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
@@ -49,17 +48,10 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or "://" in str(path):  # remote storage: Lightning's way
             return super().save_checkpoint(checkpoint, path, storage_options)
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
+            with AtomicFile(path) as f:  # a partial file is removed: it would only hold the space
                 torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         except BaseException as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)  # a partial file would only hold the space
             # a full disk: Python's OSError, or torch.save's RuntimeError around it
             cause = storage_failure(err) or (err if isinstance(err, OSError) else None)
             if cause is None:

@@ -60,5 +60,8 @@ def generate(pipe: DiffusionPipeline, conditions: torch.Tensor, prompts: list[st
     finally:
         for sub, mode in modes.items():
             sub.training = mode
-    return out.images.float().clamp(0, 1)
+    images = out.images
+    if not torch.is_tensor(images):  # a pipeline without "pt" output (T2I-Adapter's): numpy NHWC
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).to(device)
+    return images.float().clamp(0, 1)
 

@@ -4,7 +4,10 @@ SIGTERM (SLURM pre-emption, `scancel`), SIGUSR1 and SIGUSR2 (the warning signals
 before a time limit with `--signal`, submitit's default being USR2) mean *pre-empted*; the first
 SIGINT (Ctrl-C) means *interrupted*; a second SIGINT stops at once. During training the signal only
 sets a flag: the step in flight finishes (its evaluation too), every rank agrees to stop at that
-same step, `checkpoints/last.ckpt` is written, and `RunStopped` ends the fit. Before the first step
+same step, `checkpoints/last.ckpt` is written, and `RunStopped` ends the fit. One process stops
+after the step in flight; under DDP the ranks agree (one all-reduce) only at the logging cadence
+(trainer.log_every_n_steps, cnexp.cadence), so a signal stops the run at the next log step: the
+other steps run no collective and never wait on the host. Before the first step
 (loading, the step-0 evaluation, the frozen-encoder cache fill) there is nothing to save, so the
 signal stops the run straight away.
 
@@ -22,6 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 import lightning as L
+
+from cnexp.cadence import host_reads_at
 
 log = logging.getLogger("cnexp")
 
@@ -118,6 +123,8 @@ class StopAtStepEnd(L.Callback):
             return
         stop = self.signals.received is not None
         if trainer.world_size > 1:  # a rank that got no signal must stop at the same step
+            if not host_reads_at(trainer, trainer.global_step):
+                return  # agreed on at the next log step: no collective, no host sync here
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if not stop:
             return

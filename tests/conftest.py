@@ -14,6 +14,39 @@ TINY = ROOT / "assets" / "tinyworld"
 
 register_configs()
 
+# Where Hydra puts a run started in the checkout without hydra.run.dir / hydra.sweep.dir.
+RUN_DIR_ROOTS = ("outputs", "multirun")
+RUN_DIRS_AT_START = pytest.StashKey[set]()
+
+
+def _run_dirs_in_checkout() -> set[str]:
+    """outputs/, multirun/ and their entries two levels down (<date>/<time>_<name>)."""
+    found = set()
+    for top in RUN_DIR_ROOTS:
+        if (ROOT / top).is_dir():
+            found.add(top)
+            found.update(p.relative_to(ROOT).as_posix() for p in (ROOT / top).glob("*"))
+            found.update(p.relative_to(ROOT).as_posix() for p in (ROOT / top).glob("*/*"))
+    return found
+
+
+def pytest_sessionstart(session):
+    session.config.stash[RUN_DIRS_AT_START] = _run_dirs_in_checkout()
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Tests write only under their tmp dirs: a run directory that appeared in the checkout
+    during the session fails it (a subprocess's `python run.py` without hydra.run.dir)."""
+    gained = sorted(_run_dirs_in_checkout() - session.config.stash.get(RUN_DIRS_AT_START, set()))
+    if gained:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        message = ("tests wrote run directories into the working tree (give each run "
+                   f"hydra.run.dir under tmp_path): {', '.join(gained)}")
+        if reporter is not None:
+            reporter.write("\n")
+            reporter.write_line(message, red=True, bold=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
 
 @pytest.fixture(scope="session", autouse=True)
 def private_cache(tmp_path_factory):

@@ -29,7 +29,7 @@ from conftest import ROOT, TINY, compose_cfg
 
 BRANCHES = [b.value for b in Branch]
 
-PRESETS = {  # preset -> the knobs it changes (every other value is the baseline's)
+PRESETS = {  # preset -> the knobs it sets (every other value is the baseline's)
     "baseline": {},
     "no_zero_conv": {"control.connector_init": "gaussian",
                      "control.init_scope": "connectors_and_hint"},
@@ -44,10 +44,13 @@ PRESETS = {  # preset -> the knobs it changes (every other value is the baseline
     "scratch_copy": {"control.branch": "scratch"},
     "controlnet_xs": {"control.branch": "xs"},
     "prompt_dropout_0": {"optim.prompt_dropout": 0.0},
-    "prompt_dropout_50": {},  # the paper's 50% is the baseline's value
+    "prompt_dropout_50": {"optim.prompt_dropout": 0.5},  # the paper's 50%, also the baseline's
     "prompt_dropout_100": {"optim.prompt_dropout": 1.0},
     "sd_unlocked": {"control.sd_locked": False},
     "only_mid_control": {"control.only_mid_control": True},
+    "t2i_adapter": {"control.branch": "t2i_adapter"},
+    "cross_norm": {"control.connector": "cross_norm", "control.connector_init": "default"},
+    "lora_copy": {"control.branch": "lora_copy"},
 }
 
 
@@ -236,7 +239,7 @@ def test_xs_needs_a_four_channel_latent_base(tiny_cfg):
 
 
 @pytest.mark.parametrize("override, choices", [
-    ("control.branch=lit", "copy, scratch, lite, xs"),
+    ("control.branch=lit", ", ".join(Branch)),  # the registered branches (cnexp/control/)
     ("control.connector_init=zeros", "zero, gaussian, kaiming, xavier, default"),
     ("control.init_scope=all", "connectors, connectors_and_hint"),
 ])
@@ -365,9 +368,16 @@ def test_every_preset_composes_and_changes_only_its_knobs(name):
     validate(cfg)
     assert cfg.ablation == name
     baseline = _flat(OmegaConf.to_container(compose_cfg(["+ablation=baseline"])))
-    changed = {k: v for k, v in _flat(OmegaConf.to_container(cfg)).items()
-               if baseline.get(k) != v and k != "ablation"}
-    assert changed == PRESETS[name]
+    composed = _flat(OmegaConf.to_container(cfg))
+    changed = {k: v for k, v in composed.items() if baseline.get(k) != v and k != "ablation"}
+    assert changed == {k: v for k, v in PRESETS[name].items() if baseline.get(k) != v}
+    assert {k: composed.get(k) for k in PRESETS[name]} == PRESETS[name]
+    # a knob at the baseline's value is written in the preset itself, so the preset keeps
+    # meaning its name when the baseline's default moves
+    written = _flat(OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "ablation" /
+                                                          f"{name}.yaml")))
+    assert {k: written.get(k) for k, v in PRESETS[name].items() if baseline.get(k) == v} == \
+        {k: v for k, v in PRESETS[name].items() if baseline.get(k) == v}
 
 
 # ---- presets at every scale: relative learning rates, evaluation sizes per base ------------------
@@ -446,4 +456,5 @@ def test_every_preset_runs_fast_dev_run(name, tmp_path):
     assert proc.returncode == 0, log[-3000:]
     assert (out / "metrics.json").exists()
     damage = float(log.split("base damage at step 0")[1].split(":")[1].split()[0])
-    assert (damage > 0) == ("no_zero_conv" in name), damage
+    # cross_norm replaces the zero convolutions too (ControlNeXt: scale 1 from the start)
+    assert (damage > 0) == ("no_zero_conv" in name or name == "cross_norm"), damage

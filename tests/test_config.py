@@ -29,6 +29,18 @@ def test_sd15_preset_uses_the_paper_learning_rate_and_512px():
     assert compose_cfg(["base=sd21"]).data.resolution == 768
 
 
+@pytest.mark.parametrize("data", ["tinyworld", "fill50k", "hf", "captions"])
+@pytest.mark.parametrize("base, native", [("tiny", 64), ("sd15", 512), ("sd21", 768)])
+def test_every_layout_trains_at_the_bases_native_resolution(base, native, data):
+    """base.resolution is the data's default in every layout (SD 2.1 with fill50k trains at
+    768, not the layout's 512); an explicit data.resolution still wins."""
+    cfg = compose_cfg([f"base={base}", f"data={data}"])
+    assert cfg.base.resolution == cfg.data.resolution == native
+    assert compose_cfg([f"base={base}", f"data={data}", "data.resolution=256"]).data.resolution \
+        == 256
+    assert compose_cfg([f"base={base}", "base.resolution=128"]).data.resolution == 128
+
+
 def test_ablation_is_appended_not_default():
     cfg = compose_cfg(["+ablation=baseline"])
     assert cfg.ablation == "baseline" and cfg.optim.prompt_dropout == 0.5

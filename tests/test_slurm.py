@@ -1,5 +1,5 @@
 """SLURM for real: `hydra/launcher=slurm` sweeps on a throwaway one-node cluster started here
-(cnexp/localslurm.py) — a grid whose failing jobs are listed while the others finish, compare on
+(tools/localslurm.py) — a grid whose failing jobs are listed while the others finish, compare on
 it, a job pre-empted as a cluster does it (requeued, resumed, the same record and weights as an
 uninterrupted one), and a 2-task DDP job that agrees with one process.
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from cnexp.analysis.compare import main as compare_main
-from cnexp.localslurm import LocalSlurm, accounting_unavailable_reason, unavailable_reason
+from tools.localslurm import LocalSlurm, accounting_unavailable_reason, unavailable_reason
 from cnexp.analysis.runs import FAILED, OK, load_sweep
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 from conftest import ROOT, TINY

@@ -18,10 +18,11 @@ from hydra.core.hydra_config import HydraConfig
 from cnexp.analysis.compare import main as compare_main
 from cnexp.errors import CnexpError
 from cnexp.analysis.runs import FAILED, OK, load_sweep
-from cnexp.overrides import knob_diff
+from cnexp.overrides import JOB_DIR_NAME, job_stem, knob_diff, knobs_suffix
 from cnexp.rundir import wanted_resume
 from cnexp.slurm_job import SlurmSettingsError, apply_slurm_resources
-from cnexp.sweep import read_status, split_threads, wandb_identity
+from cnexp.record import RecordError, read_status
+from cnexp.sweep import split_threads, wandb_identity
 from conftest import ROOT, TINY
 
 
@@ -62,6 +63,27 @@ def test_parallel_launcher_gives_each_job_its_share_of_the_cores():
     finally:
         HydraConfig.instance().cfg = None
         torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("ablation, seed, overrides, knobs", [
+    ("baseline", 0, ["seed=0"], None), ("no_zero_conv", 12, ["control.branch=lite"], "branch=lite"),
+    ("low_lr", 3, ["optim.lr=1e-4", "data.root=/d/x y"], "lr=0.0001_root=-d-x--y~")])  # unsafe: hashed
+def test_a_job_name_reads_back_as_its_ablation_and_seed(ablation, seed, overrides, knobs):
+    """The name the sweep writes (cnexp.overrides) is the one compare parses (the same module)."""
+    name = f"7_{job_stem(ablation, seed)}{knobs_suffix(overrides, None)}"
+    parsed = JOB_DIR_NAME.match(name)
+    assert (parsed["ablation"], int(parsed["seed"])) == (ablation, seed), name
+    assert (parsed["knobs"] or "").startswith(knobs or "") and bool(parsed["knobs"]) == bool(knobs)
+
+
+def test_a_status_file_no_run_wrote_is_refused_or_skipped(tmp_path):
+    assert read_status(tmp_path) is None  # no job ran here
+    (tmp_path / "status.json").write_text('{"status": "fine"}')
+    with pytest.raises(RecordError, match="'status' must be one of"):
+        read_status(tmp_path)
+    assert read_status(tmp_path, strict=False) is None  # the sweep's summary goes on
+    (tmp_path / "status.json").write_text('{"status": "ok"')  # cut short by a kill
+    assert read_status(tmp_path, strict=False) is None
 
 
 def test_knob_diff_names_what_an_ablation_changes():

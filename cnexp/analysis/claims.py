@@ -38,7 +38,7 @@ from scipy import stats
 
 from cnexp.errors import CnexpError
 from cnexp.analysis.runs import RunRecord
-from cnexp.analysis.stats import Estimate, mean_ci
+from cnexp.analysis.stats import Estimate, finite, mean_ci
 
 EXPECT = ("higher", "lower")
 POWER = 0.8
@@ -161,7 +161,7 @@ def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
     values = {s: value_of(r, claim.metric, claim.step) for s, r in arm.items()}
     base = {s: value_of(r, claim.metric, claim.step) for s, r in ref.items()}
     seeds = sorted(s for s in values.keys() & base.keys()
-                   if _finite(values[s]) and _finite(base[s]))
+                   if finite(values[s]) and finite(base[s]))
     diff = mean_ci([values[s] - base[s] for s in seeds], level)
     side = 1 if claim.expect == "higher" else -1
     if diff.n < 2:
@@ -176,10 +176,6 @@ def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
                        seeds_needed(diff.sd, diff.mean, level))
 
 
-def _finite(value) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def _mean(values: dict, seeds: list) -> float:
     return float(np.mean([values[s] for s in seeds])) if seeds else math.nan
 
@@ -190,7 +186,7 @@ def judge_claims(claims: list[Claim], groups: dict[str, list[RunRecord]],
 
 
 def _f(x: Optional[float], signed: bool = False) -> str:
-    if x is None or not math.isfinite(x):
+    if not finite(x):
         return "–"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 

@@ -5,7 +5,7 @@ Writes to <out> (default <sweep dir>/compare):
   report.md    per metric and prompt setting: mean over seeds ± 95% t-interval, and the
                difference to baseline paired by seed ± its own interval; runs missing or failed
   summary.csv  the same numbers, one row per ablation x prompt setting x metric
-  runs.csv     every run with its status and error
+  runs.csv     every run with its status, error and directory (relative to the sweep dir)
   curves_<metric>.png, bars_<metric>.png, samples.png
   with --claims FILE: claims.csv, claims.png and the claims table at the top of report.md
   (cnexp/analysis/claims.py: each paper claim's paired effect, verdict and detectable effect)
@@ -25,7 +25,7 @@ from cnexp.analysis import plots
 from cnexp.analysis.claims import (ClaimsError, claims_markdown, judge_claims, load_claims,
                                    write_claims_csv)
 from cnexp.analysis.runs import (DUPLICATE, DUPLICATE_RULE, OK, STATUSES, RunRecord, is_metric,
-                                 load_sweep, load_wandb)
+                                 load_sweep, load_wandb, shown_path)
 from cnexp.analysis.stats import Estimate, mean_ci, paired_difference
 from cnexp.overrides import knob_diff
 
@@ -151,13 +151,14 @@ def write_summary_csv(table, path: Path) -> None:
                                      " ".join(f"{s}:{v:.6g}" for s, v in sorted(c.values.items()))])
 
 
-def write_runs_csv(records: list[RunRecord], path: Path) -> None:
+def write_runs_csv(records: list[RunRecord], path: Path, root: Optional[Path] = None) -> None:
+    """One row per run; `path` relative to root (the compared directory) when given."""
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["run", "ablation", "variant", "seed", "status", "error", "path"])
         for r in records:
             writer.writerow([r.name, r.ablation, r.variant, r.seed, r.status, r.error,
-                             r.path or ""])
+                             shown_path(r.path, root)])
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -231,7 +232,7 @@ def budget_lines(groups: dict[str, list[RunRecord]]) -> list[str]:
 
 
 def markdown(table, groups, records, baseline: str, figures: list[Path], source: str,
-             level: float, claims: Optional[list] = None) -> str:
+             level: float, claims: Optional[list] = None, root: Optional[Path] = None) -> str:
     counts = {s: sum(r.status == s for r in records) for s in STATUSES}
     pct = f"{level:.0%}"
     out = [f"# Sweep comparison: {source}", "",
@@ -282,7 +283,7 @@ def markdown(table, groups, records, baseline: str, figures: list[Path], source:
     out += (_md_table(["run", "ablation", "seed", "status", "error", "path"],
                       [[r.name, r.label, r.seed, r.status + (" (rerun finished)" if
                         r.status != DUPLICATE and (r.label, r.seed) in redone else ""),
-                        r.error, r.path or ""] for r in left_out])
+                        r.error, shown_path(r.path, root)] for r in left_out])
             if left_out else ["None: every run of the sweep finished."])
     return "\n".join(out) + "\n"
 
@@ -305,16 +306,17 @@ def make_figures(table, groups, out: Path) -> list[Path]:
 
 
 def compare(records: list[RunRecord], out: Path, source: str, baseline: str = "baseline",
-            level: float = 0.95, figures: bool = True, claims_file: Optional[Path] = None
-            ) -> dict:
+            level: float = 0.95, figures: bool = True, claims_file: Optional[Path] = None,
+            root: Optional[Path] = None) -> dict:
     """Write report.md, summary.csv, runs.csv and the figures (and the claims table when a
-    claims file is given); return the summary table."""
+    claims file is given); return the summary table. root: the compared directory, which the
+    runs' paths are written relative to."""
     claims = load_claims(claims_file) if claims_file else None  # a bad file fails before writing
     out.mkdir(parents=True, exist_ok=True)
     groups = select_runs(records, baseline)
     table = summarize(groups, baseline, level)
     write_summary_csv(table, out / "summary.csv")
-    write_runs_csv(records, out / "runs.csv")
+    write_runs_csv(records, out / "runs.csv", root)
     pngs = make_figures(table, groups, out) if figures else []
     results = judge_claims(claims, groups, level) if claims else None
     if results:
@@ -322,7 +324,7 @@ def compare(records: list[RunRecord], out: Path, source: str, baseline: str = "b
         forest = plots.claims_forest(results, out / "claims.png") if figures else None
         pngs = [forest, *pngs] if forest else pngs
     (out / "report.md").write_text(markdown(table, groups, records, baseline, pngs, source, level,
-                                            results))
+                                            results, root))
     return table
 
 
@@ -350,21 +352,21 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"cannot read {source}: {err}\n  needs network and `wandb login`; offline runs "
                   "reach W&B with `wandb sync <run dir>/wandb/offline-run-*`", file=sys.stderr)
             return 2
-        out = args.out or Path("compare") / args.group
+        out, root = args.out or Path("compare") / args.group, None
     elif args.sweep_dir is None:
         parser.error("give a sweep directory (multirun/<date>/<time>), or --wandb "
                      "ENTITY/PROJECT --group G")
     elif not args.sweep_dir.is_dir():
         parser.error(f"sweep directory {args.sweep_dir} does not exist")
     else:
-        records, source = load_sweep(args.sweep_dir), str(args.sweep_dir)
+        records, source, root = load_sweep(args.sweep_dir), str(args.sweep_dir), args.sweep_dir
         out = args.out or args.sweep_dir / "compare"
     if not records:
         print(f"no runs found in {source}", file=sys.stderr)
         return 1
     try:
         compare(records, out, source, args.baseline, args.level, figures=not args.no_figures,
-                claims_file=args.claims)
+                claims_file=args.claims, root=root)
     except ClaimsError as err:
         print(err, file=sys.stderr)
         return 2

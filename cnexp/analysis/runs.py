@@ -17,7 +17,7 @@ from typing import Any, Iterable, Optional
 
 import yaml
 
-from cnexp.overrides import NOT_KNOBS, sweep_overrides
+from cnexp.overrides import JOB_DIR_NAME, NOT_KNOBS, sweep_overrides
 from cnexp.record import (ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError, RunMetrics,
                           read_metrics, read_status)
 
@@ -31,8 +31,6 @@ DUPLICATE_RULE = ("of several finished runs with the same ablation, swept knobs 
                   "whose metrics.json was written last counts (ties: the last path); the others "
                   "are listed as duplicates")
 STEP_IN_NAME = re.compile(r"step[_-]?(\d+)")
-# 3_baseline-s1, or with the job's swept knobs (cnexp/sweep.py job_name) 3_baseline-s1_lr=1e-4
-JOB_DIR_NAME = re.compile(r"^(?:\d+_)?(?P<ablation>.+?)-s(?P<seed>\d+)(?:_(?P<knobs>.*=.*))?$")
 BUDGET_KEYS = ("steps", "fit_seconds", "wall_seconds", "seconds", "epoch", "host", "cpus",
                "torch_threads", "gpu")
 WANDB_STATES = {"finished": OK, "failed": FAILED, "crashed": FAILED, "killed": FAILED}
@@ -248,12 +246,26 @@ def load_sweep(root: Path) -> list[RunRecord]:
             if (ablation, variant, seed) not in have:
                 records.append(RunRecord(f"{ablation}-s{seed}", ablation, seed, MISSING,
                                          "never ran", variant=variant))
-    mark_duplicates(records)
+    mark_duplicates(records, root)
     return records + [r for r in every if r.status == UNREADABLE]
 
 
-def mark_duplicates(records: list[RunRecord]) -> None:
-    """Mark all but one finished run per (label, seed) DUPLICATE, naming the one that counts."""
+def shown_path(path: Optional[Path], root: Optional[Path]) -> str:
+    """A run's directory as a report shows it: relative to the compared directory (a report
+    moved or committed names no machine's absolute paths), else as given."""
+    if path is None:
+        return ""
+    if root is not None:
+        try:
+            return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+        except ValueError:  # not below root
+            pass
+    return str(path)
+
+
+def mark_duplicates(records: list[RunRecord], root: Optional[Path] = None) -> None:
+    """Mark all but one finished run per (label, seed) DUPLICATE, naming the one that counts
+    (by its path relative to root, when given)."""
     finished: dict[tuple[str, Optional[int]], list[RunRecord]] = {}
     for run in records:
         if run.status == OK:
@@ -263,7 +275,8 @@ def mark_duplicates(records: list[RunRecord]) -> None:
         counted = runs[-1]
         for run in runs[:-1]:
             run.status = DUPLICATE
-            run.error = f"duplicate of {counted.path or counted.name}, which counts"
+            counts = shown_path(counted.path, root) or counted.name
+            run.error = f"duplicate of {counts}, which counts"
 
 
 def _written(run: RunRecord) -> float:

@@ -35,7 +35,7 @@ class Estimate:
 
 def mean_ci(values: Iterable[float], level: float = 0.95) -> Estimate:
     """Mean and t-interval of the finite values; the interval is NaN below 2 values."""
-    x = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=float)
+    x = np.asarray([v for v in values if finite(v)], dtype=float)
     n = len(x)
     if n == 0:
         return Estimate(0, math.nan, math.nan, math.nan, math.nan)
@@ -51,9 +51,10 @@ def paired_difference(values: Mapping[int, float], baseline: Mapping[int, float]
                       level: float = 0.95) -> Estimate:
     """values - baseline over the seeds both have (finite), with the t-interval of the mean."""
     seeds = sorted(s for s in values.keys() & baseline.keys()
-                   if _finite(values[s]) and _finite(baseline[s]))
+                   if finite(values[s]) and finite(baseline[s]))
     return mean_ci([values[s] - baseline[s] for s in seeds], level)
 
 
-def _finite(value) -> bool:
+def finite(value) -> bool:
+    """A number a statistic can use: not None (a NaN or Inf as the record stores it), not NaN/Inf."""
     return value is not None and math.isfinite(value)

@@ -3,14 +3,15 @@
 A random SD 1.5- (or 2.1-) shaped bundle from the published configs (cnexp.bench.sd_shapes; `--width`
 shrinks the channels for a CPU), fill50k-layout triples at the chosen resolution, and cnexp's
 variants side by side with diffusers' train_controlnet.py (`--diffusers-src`), each a child
-process timed as the tiny-world bench does (bench.measure). On a GPU both train in bf16 mixed
+process timed inside itself as the tiny-world bench does (common.measure, child.py). On a GPU both train in bf16 mixed
 precision with the frozen base stored in bf16; on a CPU in fp32. Reported per trainer: s/step,
-images/s, ratio to the peer, peak memory (GPU: torch.cuda.max_memory_allocated via cnexp.bench.peak;
+images/s, ratio to the peer, peak memory (GPU: torch.cuda.max_memory_allocated via cnexp.bench.child;
 CPU: peak RSS), start-up, the mean loss over the same timed steps, FLOPs/step and MFU
 (cnexp.bench.flops says what is counted).
 """
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import re
@@ -21,19 +22,19 @@ from pathlib import Path
 import torch
 
 from cnexp.bench import flops
-from cnexp.bench.tiny import LEVERS, LR, _run, cnexp_losses, measure, prepare_peer_inputs, \
-    run_directory
+from cnexp.bench.common import (LEVERS, LR, PEER, TOLERANCE, child_cmd, judge, measure,
+                                prepare_peer_inputs, ratio, run_child, run_directory)
 from cnexp.bench.sd_shapes import (SHAPES, build_bundle, parameter_counts, scaled_configs,
                                    write_triples)
 
-PEER = "diffusers train_controlnet.py"
+LOG_EVERY = 10  # cnexp's loss is recorded (and read from the device) every 10 steps
 N_EVAL = 8  # validation/test triples (evaluation is off; the data module wants them)
 CHANNELS = (16, 32, 96, 256)  # the ControlNet's conditioning embedding (SD presets, script)
 PEAK = re.compile(r"CNEXP_PEAK device='([^']*)' gpu_bytes=(\d+)")
 
 
 def cnexp_sd_cmd(steps: int, out: Path, setup: dict, cache: bool, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "cnexp.bench.peak", "run.py", f"hydra.run.dir={out}",
+    return child_cmd("run.py", f"hydra.run.dir={out}",
             f"base=sd{setup['version']}", f"base.pretrained={setup['bundle']}", "data=fill50k",
             f"data.root={setup['data']}", f"data.resolution={setup['resolution']}",
             f"data.batch_size={setup['batch']}", f"data.eval_size={N_EVAL}",
@@ -43,12 +44,13 @@ def cnexp_sd_cmd(steps: int, out: Path, setup: dict, cache: bool, *extra: str) -
             f"cache.dir={setup['work'] / 'encoders'}",
             f"control.conditioning_embedding_out_channels=[{','.join(map(str, CHANNELS))}]",
             "eval.enabled=false", "export=false", "logger.mode=disabled",
-            "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", *extra]
+            "trainer.enable_progress_bar=false", f"trainer.log_every_n_steps={LOG_EVERY}",
+            *extra)
 
 
 def peer_sd_cmd(script: Path, steps: int, out: Path, setup: dict) -> list[str]:
     report = "tensorboard" if importlib.util.find_spec("tensorboard") else "wandb"
-    return [sys.executable, "-m", "cnexp.bench.peak", str(script),
+    return child_cmd(script,
             f"--pretrained_model_name_or_path={setup['bundle']}",
             f"--controlnet_model_name_or_path={setup['controlnet']}", f"--output_dir={out}",
             f"--train_data_dir={setup['parquet']}", "--image_column=image",
@@ -57,7 +59,7 @@ def peer_sd_cmd(script: Path, steps: int, out: Path, setup: dict) -> list[str]:
             f"--max_train_steps={steps}", f"--learning_rate={LR}",
             "--proportion_empty_prompts=0.5", "--seed=0", "--checkpointing_steps=1000000",
             f"--report_to={report}", f"--mixed_precision={'bf16' if setup['gpu'] else 'no'}",
-            "--max_grad_norm=1.0", "--adam_weight_decay=1e-2"]
+            "--max_grad_norm=1.0", "--adam_weight_decay=1e-2")
 
 
 def peer_losses_by_step(output: str) -> dict[int, float]:
@@ -68,13 +70,17 @@ def peer_losses_by_step(output: str) -> dict[int, float]:
 
 
 def window_loss(name: str, run_dir: Path, output: str, warmup: int, steps: int) -> float | None:
-    """Mean training loss over steps warmup+1 .. warmup+steps of a long run."""
-    if name == PEER:
-        by_step = peer_losses_by_step(output)
-        values = [by_step[s] for s in range(warmup + 1, warmup + steps + 1) if s in by_step]
-    else:
-        values = cnexp_losses(run_dir)[warmup:warmup + steps]
+    """Mean training loss over steps warmup+1 .. warmup+steps of a run (cnexp's: the steps it
+    recorded, every LOG_EVERY)."""
+    by_step = peer_losses_by_step(output) if name == PEER else cnexp_losses_by_step(run_dir)
+    values = [by_step[s] for s in range(warmup + 1, warmup + steps + 1) if s in by_step]
     return round(statistics.mean(values), 5) if values else None
+
+
+def cnexp_losses_by_step(out: Path) -> dict[int, float]:
+    """Step (steps done) -> loss from a run's csv/metrics.csv."""
+    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 
 def peak_memory(output: str) -> tuple[str | None, int | None]:
@@ -118,7 +124,7 @@ def run_sd(args, work: Path, env: dict) -> tuple[list[dict], dict]:
         script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
         variants[PEER] = lambda n, tag: peer_sd_cmd(script, n, run_directory(work, tag), setup)
     # one short cnexp run fills the disk cache first: timed runs all start with it filled
-    first, _, _ = _run(variants["cnexp"](1, "prime"), env)
+    first, _, _ = run_child(variants["cnexp"](1, "prime"), env)
     results = []
     for rnd in range(args.rounds):
         for name, make in variants.items():
@@ -136,14 +142,15 @@ def summarize_sd(results: list[dict], variants: dict, cached: dict, setup: dict,
     rows = []
     for name in variants:
         mine = [r for r in results if r["name"] == name]
-        step = statistics.median(r["step_s"] for r in mine)
+        step, invalid = judge([r["step_s"] for r in mine], getattr(args, "tolerance", TOLERANCE))
         output = "".join(mine[-1]["outputs"])
         device, gpu_bytes = peak_memory(output)
         executed = flops.executed(parts, cached[name], cached[name])
-        utilisation = flops.mfu(executed, step, device, "bf16" if setup["gpu"] else "32")
+        utilisation = flops.mfu(executed, step, device, "bf16" if setup["gpu"] else "32") \
+            if step else None
         rows.append({
-            "trainer": name, "step_s": round(step, 4),
-            "images_s": round(setup["batch"] / step, 2),
+            "trainer": name, "step_s": round(step, 4) if step else None, "invalid": invalid,
+            "images_s": round(setup["batch"] / step, 2) if step else None,
             "peak_gpu_gib": round(gpu_bytes / 2**30, 2) if gpu_bytes else None,
             "peak_rss_mib": round(max(r["peak_rss_mib"] for r in mine)),
             "startup_s": round(statistics.median(r["fixed_s"] for r in mine), 1),
@@ -154,7 +161,7 @@ def summarize_sd(results: list[dict], variants: dict, cached: dict, setup: dict,
             "device": device or "cpu", "rounds_step_s": [round(r["step_s"], 4) for r in mine]})
     ref = next((r for r in rows if r["trainer"] == PEER), rows[0])
     for r in rows:
-        r["ratio"] = round(ref["step_s"] / r["step_s"], 2)
+        r["ratio"] = ratio(ref["step_s"], r["step_s"])
     print_table(rows, ref, setup, args)
     return rows
 
@@ -175,12 +182,21 @@ def print_table(rows: list[dict], ref: dict, setup: dict, args) -> None:
         mem = r["peak_gpu_gib"] if setup["gpu"] else r["peak_rss_mib"]
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         loss = f"{r['loss']:.4f}" if r["loss"] is not None else "n/a"
-        print(f"{r['trainer']:34} {r['step_s']:9.4f} {r['images_s']:9.2f} {r['ratio']:6.2f}x "
-              f"{mem!s:>13} {r['startup_s']:10.1f} {r['tflop_step']:10.3f} {mfu:>6} {loss:>8}")
+        rounds = "rounds: " + ", ".join(f"{x:.4f}" for x in r["rounds_step_s"])
+        if r["invalid"]:
+            step, images, ratio_ = "invalid", "", ""
+        else:
+            step, images = f"{r['step_s']:.4f}", f"{r['images_s']:.2f}"
+            ratio_ = f"{r['ratio']:.2f}x" if r["ratio"] else "n/a"
+        print(f"{r['trainer']:34} {step:>9} {images:>9} {ratio_:>7} {mem!s:>13} "
+              f"{r['startup_s']:10.1f} {r['tflop_step']:10.3f} {mfu:>6} {loss:>8}   {rounds}"
+              + (f"  ({r['invalid']})" if r["invalid"] else ""))
     print(f"ratio: {ref['trainer']}'s step time over each trainer's (> 1: faster); "
           f"loss: mean over the timed steps {args.warmup + 1}..{args.warmup + args.steps} of the "
           "last round; MFU: executed FLOPs / step time / the chip's dense bf16 peak "
-          "(n/a on a CPU, an unknown chip or fp32)")
+          "(n/a on a CPU, an unknown chip or fp32); step time measured inside each process, "
+          f"valid when every round is positive and the rounds agree within "
+          f"{getattr(args, 'tolerance', TOLERANCE):.0%}")
 
 
 def write_json(path: Path, rows: list[dict], setup: dict) -> None:

@@ -1,6 +1,8 @@
 """The control-branch interface, and the registry that picks a branch by `control.branch`.
 
-A branch is one module in cnexp/control/ holding one `Branch` subclass, decorated `@register`:
+A branch is one module in cnexp/control/ holding one `Branch` subclass, decorated `@register`
+(cnexp/control/__init__.py imports every module of the package, so dropping the module in is
+enough; cnexp/knobs.py reads the same names for the `Branch` choices):
 it says how the trainable network is built from the frozen UNet, which of its convs are the
 connectors (what `control.connector_init` initialises), how the controlled model predicts, how
 diffusers samples it, and how it is exported and loaded. Everything else (connector init, the
@@ -54,6 +56,22 @@ class Branch:
         frozen vae, text_encoder, tokenizer, scheduler and the safety-checker switches."""
         raise NotImplementedError
 
+    def sampling_inputs(self, pipe: DiffusionPipeline, conditions: torch.Tensor,
+                        conditioning_scale: float) -> dict:
+        """The arguments `pipe` (this branch's `pipeline`) takes for the condition images
+        (B, 3, H, W) in [0, 1] and the control scale (sampling.conditioning_scale)."""
+        return {"image": conditions, "controlnet_conditioning_scale": conditioning_scale}
+
+    def wrap_cross_norm(self, control: nn.Module, unet: UNet2DConditionModel,
+                        cfg: ControlConfig) -> nn.Module:
+        """control.connector=cross_norm: the network whose features enter the UNet normalised
+        with the frozen UNet's statistics (cnexp/control/cross_norm.py)."""
+        able = [name for name, b in BRANCHES.items()
+                if type(b).wrap_cross_norm is not Branch.wrap_cross_norm]
+        raise ConfigError(f"control.connector=cross_norm does not apply to control.branch="
+                          f"{self.name} (see docs/ablations.md); use one of the branches that "
+                          f"return residuals ({', '.join(able)}) or control.connector=conv")
+
     def copied_from_base(self, control: nn.Module, unet: UNet2DConditionModel
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """name -> (parameter, the frozen UNet weight it was copied from) for every parameter
@@ -63,6 +81,14 @@ class Branch:
     def check(self, cfg: ControlConfig) -> None:
         """Knob combinations this branch cannot honour: raise ConfigError naming the fix."""
 
+    def bind(self, control: nn.Module, unet: UNet2DConditionModel) -> None:
+        """Join a network (built, or loaded from an export) to the frozen UNet it steers, where
+        it reads the UNet itself (cross_norm); ControlNetModule calls it."""
+
+    def owns(self, network: nn.Module) -> bool:
+        """Whether `network` is one this branch builds (branch_of); by default, its class."""
+        return type(network) is self.model_class
+
     def export(self, control: ModelMixin, directory: Path) -> None:
         control.save_pretrained(directory)
 
@@ -70,7 +96,7 @@ class Branch:
         return self.model_class.from_pretrained(directory)
 
 
-BRANCHES: dict[str, Branch] = {}
+BRANCHES: dict[str, Branch] = {}  # filled as cnexp/control/__init__.py imports every module
 
 
 def register(cls: type[Branch]) -> type[Branch]:
@@ -93,8 +119,9 @@ def branch_of(control: nn.Module) -> Branch:
     copy and scratch, differ only in how they build)."""
     import cnexp.control  # noqa: F401
 
-    for branch in BRANCHES.values():
-        if type(control) is branch.model_class:
-            return branch
+    network = getattr(control, "network", None) or control  # cross_norm's wrapper holds it
+    owners = [branch for branch in BRANCHES.values() if branch.owns(network)]
+    if owners:  # a branch that says more than its class (lora_copy) before the class's first
+        return sorted(owners, key=lambda b: type(b).owns is Branch.owns)[0]
     raise TypeError(f"{type(control).__name__} is no registered branch's network "
                     f"(registered: {sorted(BRANCHES)})")

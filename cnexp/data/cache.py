@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
 from cnexp.data.annotators import Annotator
-from cnexp.fileio import atomic_write
+from cnexp.fileio import AtomicFile, atomic_write
 
 
 class ConditionCache:
@@ -53,10 +51,8 @@ class ConditionCache:
         condition = self.annotator(image)
         self.computed += 1
         if path is not None:
-            fd, tmp = tempfile.mkstemp(suffix=".png", dir=self.directory)
-            os.close(fd)
-            Image.fromarray(condition).save(tmp)
-            os.replace(tmp, path)
+            with AtomicFile(path) as f:
+                Image.fromarray(condition).save(f, format="PNG")
         return condition
 
     def summary(self) -> str:

@@ -1,8 +1,9 @@
 """A throwaway one-node SLURM cluster in a directory: munged, slurmctld and slurmd with a generated
 slurm.conf, plus job accounting (slurmdbd on a private MariaDB) so `sacct` answers, as on a real
-cluster. For tests, and for trying `hydra/launcher=slurm` on a workstation:
+cluster. For tests, and for trying `hydra/launcher=slurm` on a workstation (from the checkout:
+it starts root daemons, so it lives beside the package, not in it):
 
-    python -m cnexp.localslurm [--dir DIR]   # start; prints the SLURM_CONF to export; Ctrl-C stops
+    python -m tools.localslurm [--dir DIR]   # start; prints the SLURM_CONF to export; Ctrl-C stops
 
 Needs root (slurmd starts jobs as their owner) and Debian's packages
 `apt-get install -y slurm-wlm munge slurmdbd mariadb-server` (without the last two it runs with

@@ -1,0 +1,117 @@
+"""What the benchmark's modes share: running a trainer as a child process under the step clock
+(child.py), one round's measurement, and when a figure may be printed at all (judge).
+
+A figure is the steady-state step time measured inside the child: the clock starts when step
+`warmup` ends and stops when step `warmup + steps` ends, so start-up, loading, the cache fill and
+compilation never enter it, and nothing is subtracted across processes (a difference of two
+processes' wall times printed -0.73 s/step when one compiled cold and the other found the
+compile cache warm). A trainer's figure is the median of its rounds; it is invalid, and no ratio
+is printed for it, when a round is not positive or the rounds disagree by more than
+`tolerance` (max / min - 1).
+"""
+from __future__ import annotations
+
+import csv
+import math
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cnexp.bench.child import CLOCK_ENV, read_clock
+
+ROOT = Path(__file__).resolve().parents[2]
+LR = 1e-3
+PEER = "diffusers train_controlnet.py"
+TOLERANCE = 0.25  # rounds of one trainer may differ by 25 % (max / min) on a shared machine
+LEVERS = {"compile": "trainer.compile=true", "workers": "data.num_workers=2",
+          # the defaults, taken back one at a time
+          "unfused": "optim.fused=false"}
+
+
+def child_cmd(script: str | Path, *args: str) -> list[str]:
+    """`script args` run as __main__ under the step clock and the peak-memory probe."""
+    return [sys.executable, "-m", "cnexp.bench.child", str(script), *args]
+
+
+def run_child(cmd: list[str], env: dict) -> tuple[float, float, str]:
+    """Wall seconds, peak RSS (MiB) and stdout+stderr of one child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    output = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"benchmark child failed: {' '.join(cmd)}\n{output[-3000:]}")
+    return seconds, usage.ru_maxrss / 1024, output
+
+
+def measure(name: str, make_cmd, warmup: int, steps: int, rnd: int, env: dict) -> dict:
+    """One round of one trainer: a run of warmup + steps steps, timed inside the child."""
+    wall, peak, output = run_child(make_cmd(warmup + steps, f"{name}-l{rnd}"),
+                                   {**env, CLOCK_ENV: f"{warmup},{steps}"})
+    clock = read_clock(output)
+    if clock is None:
+        raise RuntimeError(f"{name}: the child printed no step clock (did it run "
+                           f"{warmup + steps} optimizer steps?)\n{output[-3000:]}")
+    step = clock["seconds"] / steps
+    print(f"round {rnd}  {name:34} {step:.4f} s/step (in-process, steps {warmup + 1}.."
+          f"{warmup + steps})", flush=True)
+    return {"name": name, "step_s": step, "peak_rss_mib": peak, "outputs": [output],
+            "fixed_s": wall - (warmup + steps) * step,  # start-up, loading, caching, compiling
+            "step_deltas": clock["deltas"]}
+
+
+def judge(rounds: list[float], tolerance: float = TOLERANCE) -> tuple[float | None, str | None]:
+    """(the median of the rounds, None), or (None, why the figure is invalid)."""
+    if not rounds:
+        return None, "no rounds"
+    bad = [r for r in rounds if not (math.isfinite(r) and r > 0)]
+    if bad:
+        return None, f"a round measured {bad[0]:.4f} s/step"
+    spread = max(rounds) / min(rounds) - 1
+    if spread > tolerance:
+        return None, f"rounds disagree by {spread:.0%} (> {tolerance:.0%})"
+    return statistics.median(rounds), None
+
+
+def ratio(reference: float | None, step: float | None) -> float | None:
+    """The reference's step time over this one (> 1: faster), where both figures are valid."""
+    return round(reference / step, 2) if reference and step else None
+
+
+def run_directory(work: Path, tag: str) -> Path:
+    return work / "runs" / re.sub(r"[^A-Za-z0-9]+", "_", tag)
+
+
+def cnexp_losses(out: Path) -> list[float]:
+    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+
+
+def prepare_peer_inputs(work: Path, data: Path, bundle: Path = ROOT / "assets/tinyworld",
+                        channels: tuple = (16, 32, 64)) -> tuple[Path, Path]:
+    """The same triples as parquet with diffusers' column names, and the same initial ControlNet."""
+    import datasets
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    from cnexp.data.fill50k import read_index
+
+    records = read_index(data / "train")
+    table = {"image": [str(data / "train" / r["target"]) for r in records],
+             "conditioning_image": [str(data / "train" / r["source"]) for r in records],
+             "text": [r["prompt"] for r in records]}
+    ds = datasets.Dataset.from_dict(table)
+    ds = ds.cast_column("image", datasets.Image()).cast_column("conditioning_image",
+                                                               datasets.Image())
+    parquet_dir = work / "parquet"
+    parquet_dir.mkdir(parents=True, exist_ok=True)
+    ds.to_parquet(str(parquet_dir / "train.parquet"))
+    unet = UNet2DConditionModel.from_pretrained(bundle, subfolder="unet")
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
+    controlnet.save_pretrained(work / "controlnet_init")
+    return parquet_dir, work / "controlnet_init"

@@ -1,0 +1,1 @@
+"""Tools beside cnexp, not part of the installed package: `python -m tools.localslurm`."""
