@@ -82,6 +82,11 @@ class RunDirLock:
         atexit.register(self.release)
         return self
 
+    def __getstate__(self) -> dict:
+        # submitit pickles Hydra's callbacks (and so this lock) to requeue a job: a lock is
+        # held by a process, never carried to another, so the copy holds nothing
+        return {**self.__dict__, "_lock": None}
+
     def release(self) -> None:
         if self._lock is None:
             return

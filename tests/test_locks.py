@@ -75,3 +75,16 @@ def test_a_filesystem_without_flock_is_one_message_naming_path_and_fix(tmp_path,
     # no soft-lock marker left behind that would block the next job
     assert not any(p.name.endswith(".lock") and p.stat().st_size
                    for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_a_held_run_lock_pickles_for_a_requeue_and_the_copy_holds_nothing(tmp_path):
+    """submitit pickles Hydra's callbacks, and so the run-dir guard's lock, to requeue a job."""
+    import cloudpickle
+
+    lock = RunDirLock(tmp_path).acquire()
+    copy = cloudpickle.loads(cloudpickle.dumps(lock))
+    assert copy.path == lock.path and copy._lock is None
+    copy.release()  # holds nothing: a no-op, the original still holds the directory
+    with pytest.raises(RunDirError, match="in use"):
+        RunDirLock(tmp_path).acquire()
+    lock.release()
