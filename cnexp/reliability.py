@@ -2,7 +2,6 @@
 (signals.py)."""
 from __future__ import annotations
 
-import logging
 import pickle
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from cnexp.fileio import AtomicFile
 from cnexp.finite import NonFiniteError, NonFiniteGuard  # noqa: F401  (the guard lives there)
 from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
-log = logging.getLogger("cnexp")
 
 
 class CheckpointError(CnexpError):

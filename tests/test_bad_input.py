@@ -17,6 +17,7 @@ from cnexp.reliability import CheckpointError, SafeCheckpointIO
 from cnexp.errors import ConfigError
 from cnexp.validate import validate
 from conftest import ROOT, compose_cfg
+from lightning_toy import ToyModule
 
 
 def run_py(*overrides, env=None, timeout=300):
@@ -49,7 +50,10 @@ def test_unknown_knob_names_the_key_and_its_section():
 def test_misspelt_choice_names_the_knob_and_lists_the_choices():
     code, output = run_py("control.branch=lit")
     assert code == 1, output
-    assert "Invalid value 'lit', expected one of [copy, scratch, lite, xs]" in output
+    from cnexp.knobs import Branch  # the registry's branches, in its order
+    choices = ", ".join(b.name for b in Branch)
+    assert {"copy", "scratch", "lite", "xs"} <= {b.name for b in Branch}
+    assert f"Invalid value 'lit', expected one of [{choices}]" in output
     assert "full_key: control.branch" in output and "Traceback" not in output
 
 
@@ -133,21 +137,6 @@ def _full_disk_after(monkeypatch, good_step: int):
     monkeypatch.setattr(torch, "save", save)
 
 
-class _Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)))
-
-
 def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     ckpt_dir = tmp_path / "checkpoints"
     _full_disk_after(monkeypatch, good_step=1)
@@ -158,7 +147,7 @@ def test_disk_full_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match=r"could not save checkpoint .*step=2\.ckpt: disk "
                                               r"full \(No space left on device\); the previous "
                                               r"checkpoint\(s\) are intact: .*last\.ckpt"):
-        trainer.fit(_Tiny())
+        trainer.fit(ToyModule())
     monkeypatch.undo()
     assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=1.ckpt", "last.ckpt"]
     for path in ckpt_dir.iterdir():  # whole, loadable, and the last good step

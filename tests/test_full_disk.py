@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from cnexp.errors import CnexpError
 from cnexp.reliability import CheckpointError, SafeCheckpointIO
 from conftest import ROOT
+from lightning_toy import ToyModule
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -48,24 +49,9 @@ def fill_disk_from_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(torch, "save", save)
 
 
-class _Tiny(L.LightningModule):
-    def __init__(self):
-        super().__init__()
-        self.layer = torch.nn.Linear(2, 1)
-
-    def training_step(self, batch, batch_idx):
-        return self.layer(batch[0]).pow(2).mean()
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=0.1)
-
-    def train_dataloader(self):
-        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(8, 2)))
-
-
 def _fit(checkpoints) -> None:
     L.Trainer(max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False,
-              plugins=[SafeCheckpointIO()], callbacks=[checkpoints]).fit(_Tiny())
+              plugins=[SafeCheckpointIO()], callbacks=[checkpoints]).fit(ToyModule())
 
 
 def test_a_checkpoint_the_disk_cannot_hold_is_one_message_and_the_previous_stays(

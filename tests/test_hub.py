@@ -19,6 +19,9 @@ class StandInProxy:
     """An HTTP proxy on 127.0.0.1 that records each request line and answers `reply`."""
 
     def __init__(self, reply: bytes):
+        # it closes each connection after one answer, so it says so: a client must not reuse it
+        if b"\r\n" in reply:
+            reply = reply.replace(b"\r\n", b"\r\nConnection: close\r\n", 1)
         self.reply, self.requests = reply, []
         self.server = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"

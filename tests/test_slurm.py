@@ -24,7 +24,7 @@ import pytest
 
 from cnexp.analysis.compare import main as compare_main
 from tools.localslurm import LocalSlurm, accounting_unavailable_reason, unavailable_reason
-from cnexp.analysis.runs import FAILED, OK, load_sweep
+from cnexp.analysis.runs import DUPLICATE, FAILED, OK, load_sweep
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 from conftest import ROOT, TINY
 from test_ddp import assert_ddp_matches_one_process
@@ -159,7 +159,13 @@ def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
     jobs = job_dirs(main.dir)
     assert sorted(jobs) == [0, 1, 2, 3]
     records = {r.name: r for r in load_sweep(main.dir)}
-    assert [records[jobs[n].name].status for n in range(4)] == [FAILED, FAILED, OK, OK]
+    statuses = [records[jobs[n].name].status for n in range(4)]
+    # jobs 2 and 3 are the same run by design (one pre-empted, one not): compare counts one of
+    # them, the record written last, and names it in the other's line
+    assert statuses[:2] == [FAILED, FAILED] and sorted(statuses[2:]) == sorted([OK, DUPLICATE])
+    (duplicate,) = [jobs[n] for n in (2, 3) if records[jobs[n].name].status == DUPLICATE]
+    (counted,) = [jobs[n] for n in (2, 3) if jobs[n] != duplicate]
+    assert counted.name in records[duplicate.name].error
     for n in (0, 1):
         assert "optim.lr" in records[jobs[n].name].error
         assert f"failed: {jobs[n].name}" in main.log  # the sweep summary names them
@@ -180,7 +186,7 @@ def test_sweep_through_slurm_lists_failures_and_compares(sweeps, cluster):
 
     assert compare_main([str(main.dir)]) == 0
     report = (main.dir / "compare" / "report.md").read_text()
-    assert "2 ok · 2 failed · 0 incomplete" in report, report
+    assert "1 ok · 2 failed · 0 incomplete" in report and "1 duplicate" in report, report
 
 
 def test_preempted_job_is_requeued_and_matches_an_uninterrupted_one(sweeps, cluster):
