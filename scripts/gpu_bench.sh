@@ -29,7 +29,7 @@ fi
 $PY - <<'PY'
 import importlib, sys
 missing = [m for m in ("torch", "diffusers", "transformers", "lightning", "hydra", "omegaconf",
-                       "datasets", "accelerate") if importlib.util.find_spec(m) is None]
+                       "datasets", "accelerate", "peft") if importlib.util.find_spec(m) is None]
 if missing:
     sys.exit(f"missing: {missing}; carry their wheels in .bench/wheels (scripts/gpu_wheels.sh)")
 import torch

@@ -16,7 +16,7 @@ pin() { python -c "from importlib.metadata import version; print('$1==' + versio
 # wheels for the image's Python (3.12; PY_VERSION to change); antlr4 exists as source only
 rm -f "$BENCH"/wheels/*
 python -m pip download -q --no-deps -d "$BENCH/wheels" --only-binary=:all: \
-  --python-version "${PY_VERSION:-3.12}" $(for n in diffusers hydra-core omegaconf datasets dill \
+  --python-version "${PY_VERSION:-3.12}" $(for n in diffusers hydra-core omegaconf datasets dill peft \
   multiprocess; do pin $n; done)
 python -m pip download -q --no-deps -d "$BENCH/wheels" --no-binary=:all: \
   "$(pin antlr4-python3-runtime)"
