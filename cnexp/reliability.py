@@ -12,7 +12,6 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnexp.errors import CnexpError
 from cnexp.fileio import AtomicFile
-from cnexp.finite import NonFiniteError, NonFiniteGuard  # noqa: F401  (the guard lives there)
 from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
 

@@ -27,7 +27,8 @@ from cnexp.module import ControlNetModule
 from cnexp.precision import resolve_frozen_dtype, store_frozen
 from cnexp.progress import StepProgressBar
 from cnexp.record import RunMetrics, write_metrics
-from cnexp.reliability import NonFiniteGuard, SafeCheckpointIO
+from cnexp.finite import NonFiniteGuard
+from cnexp.reliability import SafeCheckpointIO
 from cnexp.rundir import resume_path, wanted_resume
 from cnexp.runlog import RunLog
 from cnexp.signals import StopAtStepEnd, StopSignals

@@ -5,7 +5,8 @@ import torch
 from PIL import Image
 
 from cnexp.config import DataConfig
-from cnexp.data.datamodule import TriplesDataModule, split_indices
+from cnexp.data.datamodule import TriplesDataModule
+from cnexp.data.splits import split_indices
 from cnexp.data.fill50k import DataError, Fill50kDataset
 
 

@@ -6,7 +6,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 from cnexp.data.resumable import ResumableShuffleSampler
-from cnexp.reliability import NonFiniteError, NonFiniteGuard
+from cnexp.finite import NonFiniteError, NonFiniteGuard
 
 
 def test_resumable_sampler_continues_the_same_order():

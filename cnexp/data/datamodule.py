@@ -22,7 +22,6 @@ from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
 from cnexp.data.resumable import ResumableShuffleSampler
 from cnexp.data.workers import resolve_workers
-from cnexp.data.splits import split_indices  # noqa: F401 - the split's home before splits.py
 from cnexp.knobs import Layout
 from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
