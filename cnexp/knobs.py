@@ -27,24 +27,32 @@ class Choice(str, Enum):
         return format(self.value, spec)
 
 
-CONTROL_PACKAGE = Path(__file__).resolve().parent / "control"
+PACKAGE = Path(__file__).resolve().parent
+CONTROL_PACKAGE, DATA_PACKAGE, METRICS_PACKAGE = (PACKAGE / n for n in ("control", "data", "metrics"))
 
 
-def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
-    """The `name` of every `@register`-decorated class in the modules of `directory`, read from
-    their source: the choices of control.branch come from the branch modules themselves, without
-    importing them (and diffusers) before Hydra composes. cnexp/control/__init__.py imports the
-    same modules, so the registry and these choices agree (tests/test_branch_registry.py)."""
-    names = []
+def declared_in(directory: Path) -> dict[str, str]:
+    """name -> module stem, for the `name` of every `@register`-decorated class in the modules of
+    `directory`, read from their source: a registry's choices (branches, data layouts, metrics)
+    come from the modules themselves, without importing them (and diffusers, datasets, CLIP)
+    before Hydra composes; the stem lets a registry import just the module that declares a name."""
+    names = {}
     for path in sorted(directory.glob("*.py")):
         for node in ast.parse(path.read_text(), str(path)).body:
             if isinstance(node, ast.ClassDef) and any(
                     getattr(d, "id", getattr(d, "attr", None)) == "register"
                     for d in node.decorator_list):
-                names += [stmt.value.value for stmt in node.body if isinstance(stmt, ast.Assign)
-                          and [getattr(t, "id", None) for t in stmt.targets] == ["name"]
-                          and isinstance(stmt.value, ast.Constant)]
+                names.update({stmt.value.value: path.stem for stmt in node.body
+                              if isinstance(stmt, ast.Assign)
+                              and [getattr(t, "id", None) for t in stmt.targets] == ["name"]
+                              and isinstance(stmt.value, ast.Constant)})
     return names
+
+
+def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
+    """control.branch's choices. cnexp/control/__init__.py imports the same modules, so the
+    registry and these choices agree (tests/test_branch_registry.py)."""
+    return list(declared_in(directory))
 
 
 # control.branch: the trainable network, one module per branch in cnexp/control/ (copy, scratch:
