@@ -26,7 +26,7 @@ def test_cache_defaults_to_the_users_cache_not_the_working_directory(no_cache_va
     assert default_cache_dir() == expected
     cfg = compose_cfg()  # as `python run.py` composes it, started in the checkout
     assert cfg.paths.cache == expected
-    assert cfg.data.root == f"{expected}/tinyworld-data"  # the caches below it follow
+    assert cfg.data.root == f"{expected}/tinyworld-data/4000-256-256"  # the caches follow
 
 
 def test_xdg_cache_home_then_cnexp_cache_take_precedence(no_cache_variables, monkeypatch,
@@ -38,6 +38,21 @@ def test_xdg_cache_home_then_cnexp_cache_take_precedence(no_cache_variables, mon
     monkeypatch.setenv("CNEXP_CACHE", str(tmp_path / "shared"))
     assert compose_cfg().paths.cache == str(tmp_path / "shared")
     assert compose_cfg([f"paths.cache={tmp_path / 'given'}"]).paths.cache == str(tmp_path / "given")
+
+
+def test_each_set_of_tiny_world_sizes_has_its_own_folder(tmp_path):
+    """A data-size sweep never rewrites the split a concurrent run of another size reads, and
+    its smaller split is the larger one's first samples (a sample is a function of its index)."""
+    from cnexp.tinyworld.shapes import ensure_tiny_dataset
+
+    small, large = (compose_cfg([f"paths.cache={tmp_path}", f"data.train_size={n}"]).data.root
+                    for n in (3, 5))
+    assert small != large
+    for root, n in ((large, 5), (small, 3)):
+        ensure_tiny_dataset(Path(root), {"train": n, "val": 1, "test": 1})
+    assert (Path(large) / "train" / "prompt.json").read_text().splitlines()[:3] == \
+        (Path(small) / "train" / "prompt.json").read_text().splitlines()
+    assert len((Path(large) / "train" / "prompt.json").read_text().splitlines()) == 5
 
 
 def test_the_test_session_keeps_its_own_cache(private_cache):
@@ -57,5 +72,5 @@ def test_a_fresh_clone_runs_the_tiny_world_with_nothing_set(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**env, "HOME": str(home), "WANDB_MODE": "disabled"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert (home / ".cache" / "cnexp" / "tinyworld-data").is_dir()
+    assert (home / ".cache" / "cnexp" / "tinyworld-data" / "16-4-4" / "train").is_dir()
     assert (tmp_path / "run" / "metrics.json").exists()
