@@ -16,9 +16,9 @@ from omegaconf import MISSING, OmegaConf
 
 from cnexp.data.workers import WHY as WORKERS_WHY, valid_setting as valid_workers
 from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
-                         CacheStore, Duplicates, FrozenDtype,
+                         CacheStore, ConditionStyle, Duplicates, FrozenDtype,
                          AdapterType, Connector, ConnectorInit, Crop, Fidelity, InitScope,
-                         Layout, LoggerMode,
+                         Layout, LoggerMode, MetricName,
                          OnNonFinite, PromptSetting, Scheduler, in_range)
 
 
@@ -85,6 +85,9 @@ class DataConfig:
     # hub id; captions: a folder of images with .txt sidecars or metadata.jsonl/csv
     root: str = MISSING
     generate_tinyworld: bool = False  # write the synthetic splits into root if absent
+    # the tiny world's conditions: outline (fixes the kind) | extent (corner marks of position
+    # and size, the same for every kind: only the prompt says it); cnexp/tinyworld/styles.py
+    condition_style: ConditionStyle = ConditionStyle.outline
     train_size: int = 4000
     val_size: int = 256
     test_size: int = 256
@@ -166,6 +169,9 @@ class EvalConfig:
     fidelity: Fidelity = Fidelity.auto  # auto: from data.annotator
     convergence_metric: Optional[str] = None  # None: the fidelity's headline (shape_iou, f1, ..)
     convergence_threshold: float = 0.5
+    # the sample metrics of full evaluations (cnexp/metrics/registry.py): those listed here
+    # (None: every registered one) whose own switch is on too (clip_score, fid below)
+    metrics: Optional[list[MetricName]] = None
     clip_score: bool = True  # with base.clip_model
     fid: bool = True
     fid_feature: str = "inception"  # inception | clip (base.clip_model) | TorchScript file

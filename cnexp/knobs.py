@@ -11,6 +11,7 @@ the schema and applies them to the composed config.
 from __future__ import annotations
 
 import ast
+import importlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
@@ -49,6 +50,14 @@ def declared_in(directory: Path) -> dict[str, str]:
     return names
 
 
+def import_declaring(directory: Path, package: str, name: str) -> None:
+    """Import the module of `package` (whose folder is `directory`) that declares `name`, if one
+    does: a registry's lookup loads just that module (no `datasets` for a fill50k run)."""
+    stem = declared_in(directory).get(str(name))
+    if stem is not None:
+        importlib.import_module(f"{package}.{stem}")
+
+
 def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
     """control.branch's choices. cnexp/control/__init__.py imports the same modules, so the
     registry and these choices agree (tests/test_branch_registry.py)."""
@@ -58,6 +67,10 @@ def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
 # control.branch: the trainable network, one module per branch in cnexp/control/ (copy, scratch:
 # trainable_copy.py; lite; xs; lora_copy; t2i_adapter; see docs/ablations.md)
 Branch = Choice("Branch", {name: name for name in declared_branches()})
+
+# eval.metrics: the sample metrics of a full evaluation, one registered SampleMetric per name in
+# cnexp/metrics/ (clip_score: clip.py, fid: fid.py; cnexp/metrics/registry.py)
+MetricName = Choice("MetricName", {name: name for name in declared_in(METRICS_PACKAGE)})
 
 
 class ConnectorInit(Choice):
@@ -87,16 +100,25 @@ class InitScope(Choice):
     connectors_and_hint = "connectors_and_hint"  # also the condition embedding's last conv
 
 
-class Layout(Choice):
-    """data.layout: how the triples are stored (cnexp/data/)."""
-    fill50k = "fill50k"
-    hf = "hf"
-    captions = "captions"
+# data.layout: how the triples are stored, one module per layout in cnexp/data/ (a registered
+# DataLayout, cnexp/data/layout.py); the built-in ones in the order the docs list them, any other
+# after them
+LAYOUT_ORDER = ("fill50k", "hf", "captions")
+Layout = Choice("Layout", {name: name for name in sorted(
+    declared_in(DATA_PACKAGE), key=lambda name: (LAYOUT_ORDER + (name,)).index(name))})
 
 
 class Crop(Choice):
     center = "center"
     random = "random"  # training split only, seeded
+
+
+class ConditionStyle(Choice):
+    """data.condition_style: what the tiny world's condition shows of each shape
+    (cnexp/tinyworld/styles.py), applied when a condition is loaded."""
+    outline = "outline"  # the shape's outline: it fixes the kind
+    extent = "extent"  # corner marks of its position and size, the same for every kind
+    dotted = "dotted"  # those marks + 7 dots on its outline: the kind, for a model that reads it
 
 
 class Duplicates(Choice):

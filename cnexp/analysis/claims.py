@@ -23,6 +23,17 @@ much of the seed-to-seed spread is image-level noise that averaging over more im
 remove: with d[s, i] the paired difference on image i for seed s (metrics.json's final_images),
 the seed x image interaction mean square over n images, divided by the spread. Near 1, more
 images would sharpen the test; near 0, only more seeds would.
+
+Many claims, one error rate: each verdict alone errs 5 % of the time, so a table of 17 claims
+expects nearly one lucky verdict. Beside the raw verdict stands Holm's (`holm_adjust`): the same
+two-sided paired t-test (p from t = mean / (sd / sqrt(n)), df n - 1: the test whose interval gives
+the raw verdict, so p < 1 - level exactly when the interval excludes 0), with p-values adjusted
+by Holm's step-down over every claim the table could test. Holm, not Benjamini-Hochberg: the
+claims are a handful of confirmatory hypotheses, each one a statement about the paper, so the
+guarantee wanted is that *no* verdict in the table is luck (the family-wise error rate), not that
+few of many discoveries are (BH's false discovery rate); and Holm needs no assumption on how the
+tests depend on each other, while these share reference runs and seeds (BH needs positive
+dependence). It is uniformly more powerful than Bonferroni.
 """
 from __future__ import annotations
 
@@ -70,6 +81,9 @@ class ClaimResult:
     detectable: float  # smallest |difference| found with 80% power (NaN below 2 pairs)
     image_share: Optional[float]  # share of the differences' variance from the image sample
     seeds_needed: Optional[int] = None  # seeds that would find the measured Δ with 80% power
+    p_value: float = math.nan  # two-sided paired t-test of Δ = 0 (NaN below 2 pairs)
+    holm_p: float = math.nan  # p adjusted over the table's tested claims (Holm)
+    holm_verdict: str = ""  # the verdict at that adjusted p (judge_claims sets it)
 
 
 def load_claims(path: Path) -> list[Claim]:
@@ -151,6 +165,36 @@ def image_share(arm: dict[int, RunRecord], ref: dict[int, RunRecord], metric: st
     return float(min(1.0, interaction / images / sd ** 2))
 
 
+def paired_p_value(diff: Estimate) -> float:
+    """Two-sided p of the paired t-test of mean Δ = 0: the test whose interval (mean_ci) gives
+    the raw verdict. sd = 0: 0 when Δ is not 0 (the interval is a point off 0), else 1."""
+    if diff.n < 2 or not (finite(diff.mean) and finite(diff.sd)):
+        return math.nan
+    if diff.sd == 0:
+        return 0.0 if diff.mean != 0 else 1.0
+    t = diff.mean / (diff.sd / math.sqrt(diff.n))
+    return float(2 * stats.t.sf(abs(t), diff.n - 1))
+
+
+def holm_adjust(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values (NaN stays NaN and does not count): the i-th smallest
+    of m finite p's becomes max over j <= i of min(1, (m - j + 1) p_(j)). Rejecting where the
+    adjusted p < alpha keeps the chance of any false rejection at most alpha."""
+    order = sorted((p, i) for i, p in enumerate(p_values) if finite(p))
+    adjusted, running, m = [math.nan] * len(p_values), 0.0, len(order)
+    for rank, (p, i) in enumerate(order):
+        running = max(running, min(1.0, (m - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def _verdict(diff: Estimate, p: float, alpha: float, expect: str) -> str:
+    """The verdict of a tested claim (2+ pairs) at p-value p."""
+    if not p < alpha:
+        return NOT_SHOWN
+    return REPRODUCED if diff.mean * (1 if expect == "higher" else -1) > 0 else OPPOSITE
+
+
 def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
                level: float = 0.95) -> ClaimResult:
     if claim.arm not in groups or claim.reference not in groups:
@@ -173,7 +217,7 @@ def judge_claim(claim: Claim, groups: dict[str, list[RunRecord]],
     share = image_share(arm, ref, claim.metric, diff.sd) if claim.step is None else None
     return ClaimResult(claim, diff, _mean(values, seeds), _mean(base, seeds), verdict,
                        detectable_effect(diff.sd, diff.n, level), share,
-                       seeds_needed(diff.sd, diff.mean, level))
+                       seeds_needed(diff.sd, diff.mean, level), paired_p_value(diff))
 
 
 def _mean(values: dict, seeds: list) -> float:
@@ -182,13 +226,24 @@ def _mean(values: dict, seeds: list) -> float:
 
 def judge_claims(claims: list[Claim], groups: dict[str, list[RunRecord]],
                 level: float = 0.95) -> list[ClaimResult]:
-    return [judge_claim(c, groups, level) for c in claims]
+    """Every claim's raw verdict, and its Holm-adjusted one over the claims the table tests
+    (those with 2+ pairs; "not run" and "too few seeds" keep their verdict and do not count)."""
+    results = [judge_claim(c, groups, level) for c in claims]
+    for r, p in zip(results, holm_adjust([r.p_value for r in results])):
+        r.holm_p = p
+        r.holm_verdict = (_verdict(r.diff, p, 1 - level, r.claim.expect) if finite(p)
+                          else r.verdict)
+    return results
 
 
 def _f(x: Optional[float], signed: bool = False) -> str:
     if not finite(x):
         return "–"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
+
+
+def _p(p: float) -> str:
+    return "–" if not finite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str]:
@@ -198,9 +253,13 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
              f"Detectable: the smallest |Δ| this design finds with {POWER:.0%} power at "
              f"{pct}. Seeds for Δ: how many seeds would find the measured Δ with that power. "
              "Image share: how much of the seed-to-seed spread of Δ the evaluation set's size "
-             "explains (– where no per-image scores exist).", "",
+             "explains (– where no per-image scores exist). p: the paired t-test's; Holm: the "
+             f"verdict at p adjusted over the {sum(finite(r.p_value) for r in results)} tested "
+             f"claims (Holm), so that the chance of any false verdict in the table is at most "
+             f"{1 - level:.0%}.", "",
              "| paper's claim | arm vs reference | metric | arm / reference | Δ ± CI | verdict "
-             "| detectable | seeds for Δ | image share |", "|---|---|---|---|---|---|---|---|---|"]
+             "| p (Holm p) | Holm verdict | detectable | seeds for Δ | image share |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         c = r.claim
         metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "") + \
@@ -208,7 +267,8 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
         ci = "–" if r.diff.n < 2 else f"{_f(r.diff.mean, True)} ± {_f(r.diff.half_width)}"
         row = [c.claim, f"`{c.arm}` vs `{c.reference}`", metric,
                f"{_f(r.arm_mean)} / {_f(r.reference_mean)}", f"{ci} (n={r.diff.n})",
-               f"**{r.verdict}**", _f(r.detectable),
+               f"**{r.verdict}**", f"{_p(r.p_value)} ({_p(r.holm_p)})",
+               f"**{r.holm_verdict or r.verdict}**", _f(r.detectable),
                "–" if r.seeds_needed is None else str(r.seeds_needed), _f(r.image_share)]
         lines.append("| " + " | ".join(s.replace("|", "\\|") for s in row) + " |")
     return lines
@@ -220,10 +280,38 @@ def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
         writer.writerow(["claim", "arm", "reference", "metric", "step", "expect", "pairs",
                          "arm_mean", "reference_mean", "diff_mean", "diff_ci_low",
                          "diff_ci_high", "verdict", "detectable", "seeds_needed",
-                         "image_share"])
+                         "image_share", "p_value", "holm_p", "holm_verdict"])
         for r in results:
             c = r.claim
             writer.writerow([c.claim, c.arm, c.reference, c.metric, c.step, c.expect, r.diff.n,
                              r.arm_mean, r.reference_mean, r.diff.mean, r.diff.low, r.diff.high,
                              r.verdict, r.detectable, r.seeds_needed or "",
-                             "" if r.image_share is None else r.image_share])
+                             "" if r.image_share is None else r.image_share,
+                             r.p_value, r.holm_p, r.holm_verdict or r.verdict])
+
+
+def holm_from_csv(path: Path, level: float = 0.95) -> list[dict]:
+    """Raw and Holm verdicts from a claims.csv, also one written before the p columns existed:
+    the p-value is recovered from the recorded mean and t-interval (sd = half-width x sqrt(n) /
+    t quantile), so a committed table is re-judged without the sweep's run records."""
+    rows = list(csv.DictReader(Path(path).open()))
+    diffs = []
+    for row in rows:
+        n, low, high = int(row["pairs"] or 0), float(row["diff_ci_low"] or "nan"), \
+            float(row["diff_ci_high"] or "nan")
+        sd = ((high - low) / 2 * math.sqrt(n) / stats.t.ppf(0.5 + level / 2, n - 1)
+              if n >= 2 else math.nan)
+        diffs.append(Estimate(n, float(row["diff_mean"] or "nan"), sd, low, high))
+    adjusted = holm_adjust([paired_p_value(d) for d in diffs])
+    return [{"claim": row["claim"], "verdict": row["verdict"], "p": paired_p_value(d),
+             "holm_p": p, "holm_verdict": (_verdict(d, p, 1 - level, row["expect"])
+                                           if finite(p) else row["verdict"])}
+            for row, d, p in zip(rows, diffs, adjusted)]
+
+
+if __name__ == "__main__":  # python -m cnexp.analysis.claims <claims.csv>: the Holm verdicts
+    import sys
+
+    for r in holm_from_csv(Path(sys.argv[1])):
+        print(f"{r['claim'][:60]:60s} {r['verdict']:12s} p {r['p']:.4f}  Holm p "
+              f"{r['holm_p']:.4f}  {r['holm_verdict']}")

@@ -27,6 +27,7 @@ from cnexp.analysis.claims import (ClaimsError, claims_markdown, judge_claims, l
 from cnexp.analysis.runs import (DUPLICATE, DUPLICATE_RULE, OK, STATUSES, RunRecord, is_metric,
                                  load_sweep, load_wandb, shown_path)
 from cnexp.analysis.stats import Estimate, mean_ci, paired_difference
+from cnexp.metrics.registry import described
 from cnexp.overrides import knob_diff
 
 SETTING_ORDER = ("curve", "default", "none", "insufficient", "conflicting", "perfect")
@@ -34,7 +35,9 @@ SETTING_ORDER = ("curve", "default", "none", "insufficient", "conflicting", "per
 # eval/<metric> ("default"): the headline copy of one setting. Neither goes in the final tables
 # when per-setting keys exist (cnexp/metrics/callbacks.py).
 CURVE_ONLY = "curve"
-LOWER_IS_BETTER = ("fid", "kid", "rmse", "loss", "lpips", "mse", "drift")  # drift: from the base
+# metrics no registry declares (cnexp/metrics/registry.py: sample metrics and the fidelity
+# table): lower is better when the name holds one of these (drift and damage: from the base)
+LOWER_IS_BETTER = ("kid", "loss", "lpips", "mse", "drift", "damage")
 
 
 @dataclass
@@ -60,7 +63,17 @@ def distinct_keys(keys: set[str], curve: bool = False) -> list[str]:
 
 
 def lower_is_better(metric: str) -> bool:
+    declared = described(metric).get("higher_is_better")
+    if declared is not None:
+        return not declared
     return any(word in metric.lower() for word in LOWER_IS_BETTER)
+
+
+def heading(metric: str) -> str:
+    """A table's heading: "fid: FID (lower is better)"."""
+    label = described(metric).get("label")
+    better = "lower" if lower_is_better(metric) else "higher"
+    return f"{metric}{f': {label}' if label else ''} ({better} is better)"
 
 
 def _setting_rank(setting: str) -> tuple[int, str]:
@@ -250,8 +263,7 @@ def markdown(table, groups, records, baseline: str, figures: list[Path], source:
                      knob_lines(groups, baseline))
     for metric, by_label in table.items():
         settings = sorted({s for cells in by_label.values() for s in cells}, key=_setting_rank)
-        better = "lower" if lower_is_better(metric) else "higher"
-        out += ["", f"## {metric} ({better} is better)", "", f"Mean ± {pct} CI over seeds:", ""]
+        out += ["", f"## {heading(metric)}", "", f"Mean ± {pct} CI over seeds:", ""]
         means, diffs = [], []
         for label, cells in by_label.items():
             runs = len(groups[label])

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from cnexp.data.images import (IMAGE_SUFFIXES, DataError, Sample, caption_list, file_stamps,
                                open_rgb, path_in_root, read_text)
+from cnexp.data.layout import DataLayout, register
 
 
 def _check_column(record: dict, column: str, where: str) -> None:
@@ -114,3 +115,18 @@ class CaptionsSource:
         file_name, _, where = self.entries[index]
         path = str(self.root / file_name)
         return path if where == str((self.root / file_name).resolve()) else f"{path} ({where})"
+
+
+@register
+class CaptionsLayout(DataLayout):
+    """data.layout=captions: one train split of images + captions, conditions annotated."""
+    name = "captions"
+
+    def check(self, cfg):
+        if cfg.annotator is None:
+            raise DataError("data.layout=captions computes each condition from its image: set "
+                            "data.annotator (offline: canny, content_shuffle, lineart_standard, "
+                            "mediapipe_face)")
+
+    def open_sources(self, cfg, cache_dir):
+        return {"train": CaptionsSource(cfg.root, cfg.caption_column, exclude=cache_dir)}

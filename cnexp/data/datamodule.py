@@ -20,6 +20,7 @@ from cnexp.config import DataConfig
 from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
+from cnexp.data.layout import SPLITS, get_layout
 from cnexp.data.resumable import ResumableShuffleSampler
 from cnexp.data.workers import resolve_workers
 from cnexp.knobs import Layout
@@ -27,38 +28,18 @@ from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
 log = logging.getLogger("cnexp")
 
-SPLITS = ("train", "val", "test")
 LAYOUTS = tuple(Layout)  # data.layout's choices
 SHOWN_BAD = 5  # skipped samples listed in the log
 
 
 def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
-    """Split name -> the layout's source, for the splits the data itself has."""
-    with_condition = cfg.annotator is None
-    if cfg.layout == "fill50k":
-        from cnexp.data.fill50k import Fill50kSource
+    """Split name -> the layout's source, for the splits the data itself has (the layout's module
+    in cnexp/data/, registered: cnexp/data/layout.py)."""
+    layout = get_layout(cfg.layout)
+    layout.check(cfg)
+    from cnexp.tinyworld.styles import restyle_sources  # data.condition_style (outline: as is)
 
-        root = Path(cfg.root)
-        if all((root / s / "prompt.json").exists() for s in SPLITS):
-            return {s: Fill50kSource(root / s, with_condition) for s in SPLITS}
-        return {"train": Fill50kSource(root, with_condition)}
-    if cfg.layout == "hf":
-        from cnexp.data.hf import HFSource, load_hf_splits
-
-        tables = load_hf_splits(cfg.root, cfg.hf_config,
-                                str(Path(cache_dir) / "hf") if cache_dir else None)
-        conditioning = cfg.conditioning_image_column if with_condition else None
-        return {s: HFSource(t, cfg.root, s, cfg.image_column, conditioning, cfg.caption_column)
-                for s, t in tables.items()}
-    if cfg.layout == "captions":
-        from cnexp.data.captions import CaptionsSource
-
-        if cfg.annotator is None:
-            raise DataError("data.layout=captions computes each condition from its image: set "
-                            "data.annotator (offline: canny, content_shuffle, lineart_standard, "
-                            "mediapipe_face)")
-        return {"train": CaptionsSource(cfg.root, cfg.caption_column, exclude=cache_dir)}
-    raise DataError(f"data.layout='{cfg.layout}' is unknown: use one of {', '.join(LAYOUTS)}")
+    return restyle_sources(layout.open_sources(cfg, cache_dir), cfg)
 
 
 class TriplesDataModule(L.LightningDataModule):
@@ -199,7 +180,10 @@ class TriplesDataModule(L.LightningDataModule):
         self.setup()
         val = self.datasets["val"]
         items = [val[i] for i in range(min(self.cfg.eval_size, len(val)))]
-        return {"condition": torch.stack([x["condition"] for x in items]),
-                "image": torch.stack([x["image"] for x in items]),
-                "caption": [x["caption"] for x in items],
-                "index": [x["index"] for x in items]}
+        batch = {"condition": torch.stack([x["condition"] for x in items]),
+                 "image": torch.stack([x["image"] for x in items]),
+                 "caption": [x["caption"] for x in items],
+                 "index": [x["index"] for x in items]}
+        if items and "outline" in items[0]:  # restyled conditions: fidelity scores the outline
+            batch["outline"] = torch.stack([x["outline"] for x in items])
+        return batch

@@ -97,14 +97,19 @@ class TriplesDataset(Dataset):
         top, left = crop_box(*condition.shape[:2], self.resolution, offset)  # the image's shape
         window = (slice(top, top + self.resolution), slice(left, left + self.resolution))
         pick = int(torch.randint(len(captions), ())) if self.train and len(captions) > 1 else 0
-        return {
+        item = {
             "condition": _to_tensor(condition[window]).div_(255.0),  # the image's pixels
             # cached latents stand for the image: an empty tensor keeps the batch's keys
             "image": (torch.empty(0) if self.latents_cached
                       else _to_tensor(image[window]).div_(127.5).sub_(1.0)),
             "caption": captions[pick],
             "index": index,
-        }, captions
+        }
+        reference = getattr(self.source, "reference_condition", None)
+        if reference is not None and not self.train:  # a restyled condition (tinyworld/styles.py):
+            outline = resize_shorter(reference(index), self.resolution)  # fidelity scores this
+            item["outline"] = _to_tensor(outline[window]).div_(255.0)
+        return item, captions
 
     def fill_item(self, i: int, image: bool = True) -> dict:
         """What the frozen-encoder cache's fill encodes of item i: the image as training sees it

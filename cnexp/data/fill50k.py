@@ -17,6 +17,7 @@ from PIL import Image
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, image_size,
                                open_rgb, path_in_root, read_text)
+from cnexp.data.layout import SPLITS, DataLayout, register
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
@@ -138,3 +139,15 @@ class Fill50kDataset(TriplesDataset):
 
     def __init__(self, root: str | Path, resolution: int, indices: list[int] | None = None):
         super().__init__(Fill50kSource(root), resolution, indices)
+
+
+@register
+class Fill50kLayout(DataLayout):
+    """data.layout=fill50k: one root, or train/ val/ test/ sub-roots each with its prompt.json."""
+    name = "fill50k"
+
+    def open_sources(self, cfg, cache_dir):
+        root, with_condition = Path(cfg.root), cfg.annotator is None
+        if all((root / s / "prompt.json").exists() for s in SPLITS):
+            return {s: Fill50kSource(root / s, with_condition) for s in SPLITS}
+        return {"train": Fill50kSource(root, with_condition)}

@@ -14,6 +14,7 @@ from PIL import Image
 
 from cnexp.data.images import (DataError, Sample, image_size, open_rgb, path_in_root,
                                to_rgb)
+from cnexp.data.layout import DataLayout, register
 
 log = logging.getLogger("cnexp")
 
@@ -178,3 +179,16 @@ def _captions(text) -> list[str]:
     captions = ([text] if isinstance(text, str) else
                 [c for c in text if isinstance(c, str)] if isinstance(text, list) else [])
     return captions or [""]
+
+
+@register
+class HFLayout(DataLayout):
+    """data.layout=hf: the splits the `datasets` source has, read through datasets' cache."""
+    name = "hf"
+
+    def open_sources(self, cfg, cache_dir):
+        tables = load_hf_splits(cfg.root, cfg.hf_config,
+                                str(Path(cache_dir) / "hf") if cache_dir else None)
+        conditioning = cfg.conditioning_image_column if cfg.annotator is None else None
+        return {s: HFSource(t, cfg.root, s, cfg.image_column, conditioning, cfg.caption_column)
+                for s, t in tables.items()}

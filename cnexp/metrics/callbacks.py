@@ -3,8 +3,8 @@
 Two kinds of evaluation, both on the data module's fixed evaluation set with fixed sampler seeds
 (image i always starts from the noise of seed + i), so runs, seeds and ablations are paired:
 - full (step 0 unless eval.full_at_start=false, every eval.full_every_n_steps, the end): every
-  prompt setting of the paper, each scored for control fidelity, CLIP score and FID ->
-  eval/<setting>/<metric>, plus the
+  prompt setting of the paper, each scored for control fidelity and by the run's sample metrics
+  (CLIP score, FID, ...: cnexp/metrics/registry.py) -> eval/<setting>/<metric>, plus the
   perfect prompt's values as the headline eval/<metric>, and one grid PNG per setting;
 - curve (every eval.every_n_steps, and at each full evaluation): control fidelity of the first
   eval.curve_images samples under the perfect prompt -> eval/curve/<metric>; the curve that
@@ -22,7 +22,7 @@ import io
 import logging
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import lightning as L
 import torch
@@ -37,9 +37,10 @@ from cnexp.errors import ConfigError
 from cnexp.fileio import atomic_write
 from cnexp.metrics.convergence import sudden_convergence
 from cnexp.metrics.drift import CopyDrift
-from cnexp.metrics.fid import build_feature, cache_path, reference_fid, to_uint8
+from cnexp.metrics.fid import to_uint8
 from cnexp.metrics.fidelity import FIDELITY, Annotate, fidelity_kind, fidelity_scores
 from cnexp.metrics.prompts import prompt_settings
+from cnexp.metrics.registry import SampleMetric, Samples, selected_metrics
 from cnexp.precision import frozen_autocast
 from cnexp.sampling import generate, make_pipeline, make_scheduler
 
@@ -84,16 +85,13 @@ class EvaluationCallback(L.Callback):
 
     def __init__(self, eval_batch: dict, sampling: SamplingConfig, cfg: EvalConfig,
                  out_dir: Path, fidelity: str = "outline", annotate: Optional[Annotate] = None,
-                 clip_model: Optional[str] = None, fid_feature=None, fid_reference=None):
-        """fid_feature: (feature module, id) or None (no FID); fid_reference: (callable giving
-        uint8 real batches, cache file or None, cache key) for the real statistics."""
+                 metrics: Sequence[SampleMetric] = ()):
+        """metrics: the sample metrics to score full evaluations with, loaded (build_evaluation);
+        those needing more images than the evaluation set holds are left out."""
         check_config(cfg, fidelity)
         self.batch, self.sampling, self.cfg = eval_batch, sampling, cfg
         self.out_dir = Path(out_dir)
         self.fidelity, self.annotate = fidelity, annotate
-        self.clip_model = clip_model if cfg.clip_score else None
-        self.fid_feature, self.fid_reference = fid_feature, fid_reference
-        self.fid = self.clip = None  # built at the first evaluation, on the model's device
         self.history: list[dict] = []
         self.seconds = 0.0
         self.sudden: dict = {}
@@ -101,6 +99,7 @@ class EvaluationCallback(L.Callback):
         n = len(eval_batch["caption"])
         self.num_images = min(cfg.num_images or n, n)
         self.curve_images = min(cfg.curve_images, self.num_images)
+        self.metrics = [m for m in metrics if self.num_images >= m.min_images]
         self.settings = prompt_settings(eval_batch["caption"][:self.num_images],
                                         list(cfg.prompt_settings), cfg.insufficient_prompt,
                                         cfg.conflict_shift)
@@ -176,7 +175,8 @@ class EvaluationCallback(L.Callback):
                        per_image: Optional[dict] = None) -> dict:
         """Mean fidelity of images lo.. of the set; every rank calls it, with or without images.
         per_image: filled with every image's scores, in the set's order over all ranks."""
-        conditions = self.batch["condition"][lo:lo + len(images)]
+        # a restyled tiny-world condition (data.condition_style) is scored against the outline
+        conditions = self.batch.get("outline", self.batch["condition"])[lo:lo + len(images)]
         scores = fidelity_scores(images, conditions, self.fidelity, self.annotate) \
             if len(images) else {}
         names = FIDELITY[self.fidelity].metrics
@@ -185,38 +185,19 @@ class EvaluationCallback(L.Callback):
         return {f"{prefix}/{name}": synced_mean(scores.get(name, []), device) for name in names}
 
     def _build_metrics(self, trainer, device) -> None:
-        if self.clip_model and self.clip is None:
-            from cnexp.metrics.clip import clip_score_metric
-
-            self.clip = clip_score_metric(self.clip_model)
-        if self.fid_feature is not None and self.fid is None and self.num_images >= 2:
-            batches, cache_file, key = self.fid_reference
-            self.fid = reference_fid(self.fid_feature[0], batches, cache_file, key,
-                                     holds_reference=trainer.is_global_zero)
-        for metric in (self.clip, self.fid):
-            if metric is not None:
-                metric.to(device)
+        for metric in self.metrics:  # built at the first evaluation, on the model's device
+            metric.prepare(device, holds_reference=trainer.is_global_zero)
 
     def score_full(self, images: torch.Tensor, setting: str, lo: int, device,
                    per_image: dict) -> dict:
         prefix = f"eval/{setting}"
         metrics = self.score_fidelity(images, lo, prefix, device, per_image)
-        captions = self.batch["caption"][lo:lo + len(images)]
-        pixels = to_uint8(images)
-        if self.clip is not None:  # against the sample's own caption: does it show the content?
-            targets = {"clip_score": captions}
-            if setting == "conflicting":  # ... and against the prompt it was given
-                targets["clip_score_prompt"] = self.settings[setting][lo:lo + len(images)]
-            for name, texts in targets.items():
-                if len(images):
-                    self.clip.update(pixels, list(texts))
-                metrics[f"{prefix}/{name}"] = float(self.clip.compute())
-                self.clip.reset()
-        if self.fid is not None and self.num_images >= 2:
-            if len(images):
-                self.fid.update(pixels, real=False)
-            metrics[f"{prefix}/fid"] = float(self.fid.compute())
-            self.fid.reset()  # keeps the real statistics
+        hi = lo + len(images)
+        samples = Samples(setting, images, to_uint8(images), list(self.batch["caption"][lo:hi]),
+                          list(self.settings[setting][lo:hi]))
+        for metric in self.metrics:
+            scores = metric.score(samples.given(metric.needs))
+            metrics.update({f"{prefix}/{key}": value for key, value in scores.items()})
         return metrics
 
     def evaluate(self, trainer, module, full: bool) -> dict:
@@ -304,48 +285,31 @@ class EvaluationCallback(L.Callback):
 
 def build_evaluation(cfg, data, out_dir: Path) -> EvaluationCallback:
     """The evaluation callback of a run config (cnexp.config.TrainConfig) and its data module.
-    Loads what can fail (annotator, CLIP, FID network) now, before training starts; with
-    eval.enabled=false none of them (the callback then only holds the evaluation batch, which
-    the base-damage check uses)."""
+    Loads what can fail (annotator, each selected metric's network) now, before training
+    starts; with eval.enabled=false none of them (the callback then only holds the evaluation
+    batch, which the base-damage check uses)."""
     ev = cfg.eval
     eval_batch = data.eval_batch()  # sets the data module up
-    n = len(eval_batch["caption"])
-    if ev.enabled and n < cfg.data.eval_size:  # a small data set: evaluation adapts, and says so
-        log.warning("eval: the evaluation set has %d image(s), fewer than data.eval_size=%d: the "
-                    "validation split holds only %d. Metrics are noisier%s", n,
-                    cfg.data.eval_size, len(data.datasets["val"]),
-                    "; FID needs 2 images and is skipped" if n < 2 and ev.fid else "")
     annotator = cfg.data.annotator
     kind = fidelity_kind(ev.fidelity, annotator)
     if not ev.enabled:
         return EvaluationCallback(eval_batch, cfg.sampling, ev, out_dir, fidelity=kind)
+    metrics = selected_metrics(cfg)
+    n = len(eval_batch["caption"])
+    if n < cfg.data.eval_size:  # a small data set: evaluation adapts, and says so
+        skipped = [f"{m.name} needs {m.min_images} images and is skipped" for m in metrics
+                   if n < m.min_images]
+        log.warning("eval: the evaluation set has %d image(s), fewer than data.eval_size=%d: the "
+                    "validation split holds only %d. Metrics are noisier%s", n,
+                    cfg.data.eval_size, len(data.datasets["val"]),
+                    "".join(f"; {s}" for s in skipped))
     annotate = None
     if FIDELITY[kind].needs_annotator:
         from cnexp.data.annotators import get_annotator
 
         annotate = get_annotator(annotator, pretrained=cfg.data.annotator_path,
                                  **dict(cfg.data.annotator_params or {}))
-    if ev.clip_score and cfg.base.clip_model:
-        from cnexp.metrics.clip import load_clip
-
-        load_clip(cfg.base.clip_model)
-    feature = reference = None
-    if ev.fid:
-        feature = build_feature(ev.fid_feature, cfg.base.clip_model)
-        val = data.datasets["val"]
-        count = min(ev.fid_reference_size, len(val))
-
-        def real_batches():  # the first `count` validation images, as uint8
-            for start in range(0, count, ev.batch_size):
-                items = [val[i]["image"] for i in range(start, min(start + ev.batch_size, count))]
-                yield to_uint8((torch.stack(items) + 1) / 2)
-
-        key = {"root": str(Path(cfg.data.root).expanduser().resolve())
-               if Path(cfg.data.root).expanduser().exists() else str(cfg.data.root),
-               "layout": cfg.data.layout, "split": "val", "images": count,
-               "resolution": cfg.data.resolution, "crop": cfg.data.crop,
-               "split_seed": cfg.data.split_seed, "feature": feature[1]}
-        reference = (real_batches, cache_path(Path(cfg.paths.cache), key), key)
+    for metric in metrics:
+        metric.load(cfg, data)
     return EvaluationCallback(eval_batch, cfg.sampling, ev, out_dir, fidelity=kind,
-                              annotate=annotate, clip_model=cfg.base.clip_model,
-                              fid_feature=feature, fid_reference=reference)
+                              annotate=annotate, metrics=metrics)

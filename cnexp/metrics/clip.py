@@ -1,5 +1,9 @@
 """CLIP score (torchmetrics' CLIPScore) with any CLIP model: a hub id or a local directory.
 
+The registered sample metric `clip_score` (eval.clip_score, with base.clip_model): each sample
+against its own caption (does it show the content?) and, under the conflicting prompt, also
+`clip_score_prompt` against the prompt it was given (which one won?).
+
 CLIPScore accepts only a few hub ids by name, or a callable returning (model, processor); we
 pass the callable, so base.clip_model can be the tiny world's own CLIP (assets/tinyworld/clip)
 or any hub CLIP alike. The SD bases use LITERATURE_CLIP, the model CLIP scores of SD-family
@@ -17,6 +21,7 @@ from torchmetrics.multimodal.clip_score import CLIPScore
 from transformers import CLIPModel, CLIPProcessor
 
 from cnexp.errors import CnexpError
+from cnexp.metrics.registry import SampleMetric, Samples, register
 
 
 LITERATURE_CLIP = "openai/clip-vit-large-patch14"  # ViT-L/14: conf/base/sd15.yaml, sd21.yaml
@@ -82,6 +87,43 @@ def clip_score_metric(source: str) -> CLIPScore:
     CLIP model at `source`. Images go in as uint8 (N, 3, H, W)."""
     model, processor = load_clip(source)
     return QuietCLIPScore(model_name_or_path=lambda: (model, processor))
+
+
+@register
+class ClipScore(SampleMetric):
+    name = "clip_score"
+    label = "CLIP score"
+    needs = ("samples", "captions", "prompts")
+    higher_is_better = True
+    also_logs = ("clip_score_prompt",)
+    switch = "eval.clip_score (with base.clip_model)"
+
+    def __init__(self):
+        self.source, self.metric = None, None
+
+    def enabled(self, cfg) -> bool:
+        return bool(cfg.eval.clip_score and cfg.base.clip_model)
+
+    def load(self, cfg, data) -> None:
+        self.source = str(cfg.base.clip_model)
+        load_clip(self.source)
+
+    def prepare(self, device, holds_reference: bool) -> None:
+        if self.metric is None:
+            self.metric = clip_score_metric(self.source)
+        self.metric.to(device)
+
+    def score(self, samples: Samples) -> dict[str, float]:
+        targets = {"clip_score": samples.captions}
+        if samples.setting == "conflicting":
+            targets["clip_score_prompt"] = samples.prompts
+        scores = {}
+        for key, texts in targets.items():
+            if len(samples.pixels):
+                self.metric.update(samples.pixels, list(texts))
+            scores[key] = float(self.metric.compute())
+            self.metric.reset()
+        return scores
 
 
 class CLIPImageFeatures(nn.Module):

@@ -1,5 +1,6 @@
 """FID: torchmetrics' FrechetInceptionDistance over a configurable feature network, with the
-statistics of the real held-out images computed once and cached on disk.
+statistics of the real held-out images computed once and cached on disk. The registered sample
+metric `fid` (eval.fid; needs 2 evaluation images at least).
 
 Feature networks (eval.fid_feature):
 - inception: the TF-2015 Inception-v3 of pytorch-fid / clean-fid / StyleGAN3 (2048-d pool
@@ -30,6 +31,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write, exclusive
+from cnexp.metrics.registry import SampleMetric, Samples, references, register
 
 log = logging.getLogger("cnexp")
 
@@ -149,3 +151,44 @@ def reference_fid(feature: nn.Module, real_batches: Callable[[], Iterable[torch.
         log.info("FID reference statistics: %d images -> %s",
                  int(fid.real_features_num_samples), cache_file)
     return fid
+
+
+@register
+class Fid(SampleMetric):
+    """The samples of each prompt setting against the first eval.fid_reference_size validation
+    images, whose statistics are computed once (cached under paths.cache) and kept across
+    settings."""
+    name = "fid"
+    label = "FID"
+    needs = ("samples", "references")
+    higher_is_better = False
+    min_images = 2  # a covariance needs two samples
+    switch = "eval.fid"
+
+    def __init__(self):
+        self.fid: Optional[FrechetInceptionDistance] = None
+        self.feature = self.reference = None
+
+    def enabled(self, cfg) -> bool:
+        return bool(cfg.eval.fid)
+
+    def load(self, cfg, data) -> None:
+        self.feature = build_feature(cfg.eval.fid_feature, cfg.base.clip_model)
+        real = references(cfg, data, cfg.eval.fid_reference_size)
+        key = {**real.key, "feature": self.feature[1]}
+        self.reference = (real.batches, cache_path(Path(cfg.paths.cache), key), key)
+
+    def prepare(self, device, holds_reference: bool) -> None:
+        if self.fid is None:
+            batches, cache_file, key = self.reference
+            self.fid = reference_fid(self.feature[0], batches, cache_file, key, holds_reference)
+        self.fid.to(device)
+
+    def update(self, samples: Samples) -> None:
+        self.fid.update(samples.pixels, real=False)
+
+    def compute(self) -> float:
+        return float(self.fid.compute())
+
+    def reset(self) -> None:
+        self.fid.reset()  # keeps the real statistics

@@ -1,0 +1,64 @@
+"""The data-layout interface, and the registry that picks a layout by `data.layout`.
+
+A layout is one module in cnexp/data/ holding one `DataLayout` subclass, decorated `@register`:
+it says how a `DataConfig` opens the raw samples of each split the data itself has (a `Source`,
+cnexp/data/dataset.py, that TriplesDataset reads). cnexp/knobs.py reads the registered names from
+the modules' source for data.layout's choices, so a misspelt layout fails at composition; only
+the module that declares the chosen layout is imported (hf's brings in `datasets`). Splitting,
+the data check, annotation and loading are written once, against the sources.
+
+This module stays light (no torch, no Lightning, no reader): the readers import it.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+from cnexp.data.images import DataError
+from cnexp.knobs import DATA_PACKAGE, Layout, import_declaring
+
+if TYPE_CHECKING:
+    from cnexp.config import DataConfig
+    from cnexp.data.dataset import Source
+
+SPLITS = ("train", "val", "test")
+
+
+class DataLayout:
+    name: ClassVar[str]  # the value of data.layout that selects it
+
+    def open_sources(self, cfg: DataConfig, cache_dir: str | None) -> dict[str, Source]:
+        """Split name ("train", "val", "test") -> a source of its raw samples, for the splits
+        the data itself has ("train" at least; the datamodule cuts the others from it). A source
+        checks its index when built and raises DataError naming the file, line or field."""
+        raise NotImplementedError
+
+    def check(self, cfg: DataConfig) -> None:
+        """Settings this layout cannot read with: raise DataError naming the knob and the fix
+        (runs before open_sources)."""
+
+
+LAYOUTS: dict[str, DataLayout] = {}  # filled as each layout's module is imported
+
+
+def register(cls: type[DataLayout]) -> type[DataLayout]:
+    """Class decorator: make `cls` selectable as data.layout=<cls.name>."""
+    LAYOUTS[cls.name] = cls()
+    return cls
+
+
+def get_layout(name: str) -> DataLayout:
+    """The layout registered as `name`: a built-in one's module (the one that declares it) is
+    imported here, on first use; an unknown name is one DataError listing the choices."""
+    name = str(name)
+    if name not in LAYOUTS:
+        import_declaring(DATA_PACKAGE, __package__, name)
+    if name not in LAYOUTS:
+        raise DataError(f"data.layout='{name}' is unknown: use one of {', '.join(choices())}")
+    return LAYOUTS[name]
+
+
+def choices() -> list[str]:
+    """data.layout's choices (cnexp/knobs.py's order), then any layout registered from outside
+    cnexp/data/ (a test's)."""
+    declared = [c.value for c in Layout]
+    return declared + [n for n in LAYOUTS if n not in declared]

@@ -1,0 +1,233 @@
+"""The sample-metric registry: what a full evaluation scores the generated images with.
+
+A sample metric is one `SampleMetric` subclass, decorated `@register`, in a module of
+cnexp/metrics/ (CLIP score: clip.py; FID: fid.py). It declares what it needs, which way is
+better and what it logs; cnexp/metrics/callbacks.py runs every metric the run selects on each
+prompt setting's samples and logs `eval/<setting>/<name>` (the perfect prompt's is copied to the
+headline `eval/<name>`). Nothing else is edited to add one (docs/evaluation.md, "Adding a metric"):
+- `eval.metrics`' choices (cnexp/knobs.py `MetricName`) are the names declared here, read from
+  the modules' source, so a misspelt name fails at composition, listing them;
+- compare reads `higher_is_better` and `label` from the same declarations, without importing
+  the modules (CLIP, torch) — declare them as literals on the class itself.
+
+A run scores a metric when it is in eval.metrics (null: every registered metric) and its own
+switch (`enabled(cfg)`: eval.clip_score, eval.fid) is on.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
+
+from cnexp.errors import ConfigError
+from cnexp.knobs import METRICS_PACKAGE, declared_in, import_declaring
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("cnexp")
+
+# what a metric may read: the samples themselves, each sample's own caption (does the image
+# show its content?), the prompt it was given under the setting, real validation images
+NEEDS = ("samples", "captions", "prompts", "references")
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One prompt setting's samples on this rank (its block of the evaluation set, possibly
+    empty under DDP) and what a metric may read beside them; what it did not declare in `needs`
+    is None."""
+    setting: str  # none | insufficient | conflicting | perfect
+    images: Optional[torch.Tensor]  # (n, 3, H, W) float in [0, 1]
+    pixels: Optional[torch.Tensor]  # the same, uint8 as a PNG holds them
+    captions: Optional[list[str]]
+    prompts: Optional[list[str]]
+
+    def given(self, needs: tuple[str, ...]) -> "Samples":
+        """What a metric that declared `needs` reads."""
+        return dataclasses.replace(
+            self, **{"images": self.images if "samples" in needs else None,
+                     "pixels": self.pixels if "samples" in needs else None,
+                     "captions": self.captions if "captions" in needs else None,
+                     "prompts": self.prompts if "prompts" in needs else None})
+
+
+class SampleMetric:
+    """Scores the samples of a full evaluation, per prompt setting. One instance per run: `load`
+    before training, `prepare` at each full evaluation, then `score` for each setting."""
+    name: ClassVar[str]  # eval.metrics' choice and the logged eval/<setting>/<name>
+    label: ClassVar[str] = ""  # compare's heading (the name when empty)
+    needs: ClassVar[tuple[str, ...]] = ("samples",)  # of NEEDS
+    higher_is_better: ClassVar[bool] = True  # for every key it logs
+    also_logs: ClassVar[tuple[str, ...]] = ()  # keys beside `name` (CLIP: clip_score_prompt)
+    min_images: ClassVar[int] = 1  # a smaller evaluation set is not scored (FID: 2)
+    switch: ClassVar[str] = ""  # the knob(s) `enabled` reads, for messages
+
+    def enabled(self, cfg) -> bool:
+        """Whether the run config (cnexp.config.TrainConfig) turns it on."""
+        return True
+
+    def load(self, cfg, data) -> None:
+        """Load what can fail (a network, a file) now, before training; `data` is the run's
+        data module (its validation split holds the references, `references`)."""
+
+    def prepare(self, device: torch.device, holds_reference: bool) -> None:
+        """At each full evaluation: build the scoring state once, on the model's device.
+        holds_reference: false on all ranks but one under DDP (states are summed across ranks)."""
+
+    def update(self, samples: Samples) -> None:
+        raise NotImplementedError
+
+    def compute(self) -> float:
+        """The value over every rank's updates (torchmetrics syncs when it computes)."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget the samples (not the references) before the next setting."""
+
+    def score(self, samples: Samples) -> dict[str, float]:
+        """{key: value} for one setting; every rank calls it, with or without samples."""
+        if samples.images is not None and len(samples.images):
+            self.update(samples)
+        value = self.compute()
+        self.reset()
+        return {self.name: value}
+
+
+METRICS: dict[str, type[SampleMetric]] = {}  # filled as the declaring modules are imported
+
+
+def register(cls: type[SampleMetric]) -> type[SampleMetric]:
+    """Class decorator: make `cls` selectable as eval.metrics=[<cls.name>]."""
+    unknown = set(cls.needs) - set(NEEDS)
+    if unknown:
+        raise TypeError(f"{cls.__name__}.needs has {sorted(unknown)}: use some of {list(NEEDS)}")
+    METRICS[cls.name] = cls
+    return cls
+
+
+def metric_names() -> list[str]:
+    """Every metric: those declared in cnexp/metrics/, then any registered from elsewhere."""
+    declared = list(declared_in(METRICS_PACKAGE))
+    return declared + [name for name in METRICS if name not in declared]
+
+
+def get_metric(name: str) -> type[SampleMetric]:
+    """The metric class called `name`, importing just the module that declares it."""
+    name = str(name)
+    if name not in METRICS:
+        import_declaring(METRICS_PACKAGE, __package__, name)
+    if name not in METRICS:
+        raise ConfigError(f"eval.metrics names {name}, which is unknown: use some of "
+                          f"{metric_names()} (python run.py 'eval.metrics=[...]')")
+    return METRICS[name]
+
+
+def selected_metrics(cfg) -> list[SampleMetric]:
+    """New instances of the metrics a run config scores: in eval.metrics (every registered one
+    when it is null) and turned on by their own switch."""
+    chosen = cfg.eval.get("metrics")  # absent in configs recorded before the knob
+    names = metric_names() if chosen is None else list(dict.fromkeys(str(n) for n in chosen))
+    metrics = [get_metric(name)() for name in names]
+    for metric in metrics:
+        if chosen is not None and not metric.enabled(cfg):
+            log.warning("eval.metrics lists %s, but %s turns it off: not scored", metric.name,
+                        metric.switch or "its switch")
+    return [metric for metric in metrics if metric.enabled(cfg)]
+
+
+# ---- references: the real validation images a metric compares with (FID) --------------------
+@dataclass(frozen=True)
+class References:
+    count: int  # the first `count` validation images
+    batch_size: int
+    key: dict  # what identifies them, for a cache of statistics computed over them
+    split: Any  # the validation dataset
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        """uint8 (B, 3, H, W) batches of the images."""
+        import torch
+
+        from cnexp.metrics.fid import to_uint8
+
+        for start in range(0, self.count, self.batch_size):
+            stop = min(start + self.batch_size, self.count)
+            items = [self.split[i]["image"] for i in range(start, stop)]
+            yield to_uint8((torch.stack(items) + 1) / 2)
+
+
+def references(cfg, data, count: int) -> References:
+    """The first `count` validation images of a run's data module (fewer if the split is)."""
+    val = data.datasets["val"]
+    count = min(count, len(val))
+    root = Path(cfg.data.root).expanduser()
+    key = {"root": str(root.resolve()) if root.exists() else str(cfg.data.root),
+           "layout": cfg.data.layout, "split": "val", "images": count,
+           "resolution": cfg.data.resolution, "crop": cfg.data.crop,
+           "split_seed": cfg.data.split_seed}
+    return References(count, cfg.eval.batch_size, key, val)
+
+
+# ---- directions for compare, read from source: no CLIP, no torch ------------------------------
+def _class_literals(path: Path, name: str) -> dict[str, Any]:
+    """The literal class attributes of the class in `path` whose `name` is `name`."""
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if not isinstance(node, ast.ClassDef):
+            continue
+        values = {}
+        for stmt in node.body:
+            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and \
+                    isinstance(stmt.targets[0], ast.Name):
+                try:
+                    values[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+                except ValueError:
+                    pass
+        if values.get("name") == name:
+            return values
+    return {}
+
+
+@functools.lru_cache(maxsize=1)
+def _fidelity_directions(path: Path = METRICS_PACKAGE / "fidelity.py") -> dict[str, bool]:
+    """metric -> higher_is_better of cnexp/metrics/fidelity.py's FIDELITY table, whose entries
+    are `Fidelity(score, ("metric", ...), higher_is_better=...)` literals."""
+    found = {}
+    for node in ast.parse(path.read_text(), str(path)).body:
+        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == \
+                ["FIDELITY"] and isinstance(node.value, ast.Dict):
+            for call in node.value.values:
+                if isinstance(call, ast.Call) and len(call.args) >= 2:
+                    higher = next((ast.literal_eval(k.value) for k in call.keywords
+                                   if k.arg == "higher_is_better"), True)
+                    found.update({m: higher for m in ast.literal_eval(call.args[1])})
+    return found
+
+
+@functools.lru_cache(maxsize=1)
+def _declared(directory: Path) -> dict[str, dict[str, Any]]:
+    return {name: _class_literals(directory / f"{stem}.py", name)
+            for name, stem in declared_in(directory).items()}
+
+
+def described(key: str, directory: Path = METRICS_PACKAGE) -> dict[str, Any]:
+    """{"higher_is_better": bool, "label": str} for a logged metric name (clip_score,
+    clip_score_prompt, shape_iou, ...), or {} when no metric declares it: from the registered
+    classes, the declarations in `directory` and the fidelity table."""
+    described_by: dict[str, dict[str, Any]] = {}
+    for name, attrs in _declared(directory).items():
+        for logged in (name, *attrs.get("also_logs", ())):
+            described_by[logged] = {"higher_is_better": attrs.get("higher_is_better", True),
+                                    "label": attrs.get("label", "") if logged == name else ""}
+    for cls in METRICS.values():  # imported ones: inherited attributes count too
+        for logged in (cls.name, *cls.also_logs):
+            described_by[logged] = {"higher_is_better": cls.higher_is_better,
+                                    "label": cls.label if logged == cls.name else ""}
+    if key in described_by:
+        return described_by[key]
+    fidelity = _fidelity_directions()
+    return {"higher_is_better": fidelity[key], "label": ""} if key in fidelity else {}
+
