@@ -40,8 +40,16 @@ def check_base(cfg: DictConfig, plan: Plan) -> Optional[str]:
     return where
 
 
+def scored_metrics(cfg: DictConfig) -> set[str]:
+    """The sample metrics the run scores (eval.metrics and each metric's own switch)."""
+    from cnexp.metrics.registry import selected_metrics
+
+    return {m.name for m in selected_metrics(cfg)} if cfg.eval.enabled else set()
+
+
 def check_clip(cfg: DictConfig, plan: Plan) -> None:
-    uses = cfg.eval.enabled and (cfg.eval.clip_score or cfg.eval.fid_feature == "clip")
+    scored = scored_metrics(cfg)
+    uses = "clip_score" in scored or ("fid" in scored and cfg.eval.fid_feature == "clip")
     if not uses or not cfg.base.clip_model:
         plan.add("clip", "not used" if not uses else "not set: no CLIP score")
         return
@@ -156,7 +164,7 @@ def evaluations(cfg: DictConfig, n_val: Optional[int], plan: Plan) -> None:
              f"settings = {full_images} each), {n_curve} curve-only ({curve} images): "
              f"{plan.eval_images} images x {cfg.sampling.steps} sampling steps"
              + (" x 2 (guidance)" if guidance == 2 else ""))
-    if ev.fid:
+    if "fid" in scored_metrics(cfg):
         reference = min(ev.fid_reference_size, n_val) if n_val is not None else \
             ev.fid_reference_size
         capped = f"; eval.fid_reference_size={ev.fid_reference_size} is more than the split " \

@@ -60,6 +60,14 @@ def test_the_tiny_worlds_plan(capsys, tmp_path, private_cache):
     assert fields["encoder cache"].startswith(f"{(16 * 2048 + 17 * 2048) * 4 / 1024:.1f} KiB")
     assert fields["time"].startswith("not measured")
     assert not (tmp_path / "data").exists()  # a plan generates nothing
+    assert fields["fid"].startswith("clip features")
+    # eval.metrics picks what is planned: CLIP score alone, no FID
+    _, fields, _ = plan(capsys, *TINY_RUN, f"data.root={tmp_path / 'data'}",
+                        "eval.metrics=[clip_score]")
+    assert "fid" not in fields and fields["clip"].endswith("local directory")
+    _, fields, _ = plan(capsys, *TINY_RUN, f"data.root={tmp_path / 'data'}",
+                        "eval.metrics=[fid]", "eval.fid_feature=inception")
+    assert fields["clip"] == "not used" and fields["fid"].startswith("inception")
 
 
 def test_an_sd_shaped_plan_reads_the_bundle_and_the_data(capsys, sd_shaped):
