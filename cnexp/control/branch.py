@@ -65,12 +65,14 @@ class Branch:
     def wrap_cross_norm(self, control: nn.Module, unet: UNet2DConditionModel,
                         cfg: ControlConfig) -> nn.Module:
         """control.connector=cross_norm: the network whose features enter the UNet normalised
-        with the frozen UNet's statistics (cnexp/control/cross_norm.py)."""
+        with the statistics of the UNet features they are added to, times learned scales
+        (cnexp/control/cross_norm.py); none by default."""
         able = [name for name, b in BRANCHES.items()
                 if type(b).wrap_cross_norm is not Branch.wrap_cross_norm]
         raise ConfigError(f"control.connector=cross_norm does not apply to control.branch="
-                          f"{self.name} (see docs/ablations.md); use one of the branches that "
-                          f"return residuals ({', '.join(able)}) or control.connector=conv")
+                          f"{self.name}: the branch does not say where its features enter the "
+                          f"UNet (Branch.wrap_cross_norm; see docs/ablations.md); use one of "
+                          f"{', '.join(able)} or control.connector=conv")
 
     def copied_from_base(self, control: nn.Module, unet: UNet2DConditionModel
                          ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

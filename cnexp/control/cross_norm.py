@@ -1,5 +1,8 @@
 """control.connector=cross_norm: ControlNeXt's Cross Normalization (Peng et al. 2024) in place of
-zero convolutions, for every branch that returns residuals (copy, scratch, lite, lora_copy).
+zero convolutions. This module holds the normalisation and the wrapper for the branches that
+return residuals (copy, scratch, lite, lora_copy); xs.py and t2i_adapter.py subclass the wrapper
+for the features they add inside the UNet (their reference m_k: the base feature each XS
+connector adds into; the encoder hidden state each adapter feature is added to).
 
 The paper's zero convolutions keep the control from disturbing the base at the start. ControlNeXt
 instead aligns the control's features with the frozen model's before adding them: each residual
@@ -20,7 +23,7 @@ copy drift act on) and forwards with ControlNetModel's signature, so the trainin
 diffusers' ControlNet pipeline (through MultiControlNetModel) run it unchanged. Export: the
 network as its branch exports it, plus `cross_norm.safetensors` ({"scales": (K,), "active":
 (K,)}, active 0 for the skips under only_mid_control); `CrossNormControl.from_parts(network,
-scales, active, unet)` puts it back.
+scales, active, unet)` puts it back (`CrossNormXS`, `CrossNormAdapter` alike, without the unet).
 """
 from __future__ import annotations
 
@@ -73,7 +76,9 @@ def cross_normalize(residual: torch.Tensor, reference: torch.Tensor,
     """(B, C, h, w) residual given the per-sample mean and std of the frozen feature."""
     dims = tuple(range(1, residual.ndim))
     mean, std = residual.mean(dims, keepdim=True), residual.std(dims, keepdim=True)
-    ref = reference.to(residual.dtype)
+    # the frozen feature only sets the level: no gradient through its statistics (the residual
+    # branches' references come from a no-grad pass; XS adds into its reference in place)
+    ref = reference.detach().to(residual.dtype)
     ref_mean, ref_std = ref.mean(dims, keepdim=True), ref.std(dims, keepdim=True)
     return scale * ((residual - mean) / (std + EPS) * ref_std + ref_mean)
 
@@ -129,6 +134,12 @@ class CrossNormControl(ModelMixin, ConfigMixin):
         save_file({"scales": self.scales.detach().float().cpu().contiguous(),
                    "active": self.active.float().cpu().contiguous()},
                   str(Path(directory) / SCALES_FILE))
+
+
+def unwrap(control: nn.Module) -> nn.Module:
+    """The branch's own network (inside a cross_norm wrapper, if any)."""
+    inner = getattr(control, "network", None)
+    return control if inner is None else inner
 
 
 def load_scales(directory: Path) -> dict[str, torch.Tensor] | None:
