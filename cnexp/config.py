@@ -86,7 +86,8 @@ class DataConfig:
     root: str = MISSING
     generate_tinyworld: bool = False  # write the synthetic splits into root if absent
     # the tiny world's conditions: outline (fixes the kind) | extent (corner marks of position
-    # and size, the same for every kind: only the prompt says it); cnexp/tinyworld/styles.py
+    # and size, the same for every kind: only the prompt says it) | dotted (those marks + 7 dots
+    # on the outline: the kind is there for a model that recognises it); tinyworld/styles.py
     condition_style: ConditionStyle = ConditionStyle.outline
     train_size: int = 4000
     val_size: int = 256

@@ -156,7 +156,8 @@ def fitted_kind(points: np.ndarray) -> str:
                     - p[2] * outline_radius(kind, math.atan2(y - p[1], x - p[0]))
                     for x, y in points]
         centre = points.mean(0)
-        return optimize.least_squares(residuals, [*centre, np.hypot(*(points - centre).T).mean()]).cost
+        size = np.hypot(*(points - centre).T).mean()
+        return optimize.least_squares(residuals, [*centre, size]).cost
     return min(SHAPES, key=misfit)
 
 
@@ -239,9 +240,10 @@ def test_the_evaluation_batch_carries_the_outline_only_when_restyled(tiny_root, 
     from cnexp.data.datamodule import TriplesDataModule
 
     batches = {}
-    for style in ("outline", "extent"):
+    for style in ("outline", "extent", "dotted"):
         cfg = data_cfg(tiny_root, style, eval_size=3, cache_dir=str(tmp_path / "cache"))
         batches[style] = TriplesDataModule(cfg).eval_batch()
     assert "outline" not in batches["outline"]
-    assert torch.equal(batches["extent"]["outline"], batches["outline"]["condition"])
-    assert not torch.equal(batches["extent"]["condition"], batches["outline"]["condition"])
+    for style in ("extent", "dotted"):
+        assert torch.equal(batches[style]["outline"], batches["outline"]["condition"])
+        assert not torch.equal(batches[style]["condition"], batches["outline"]["condition"])

@@ -8,18 +8,20 @@
   distribution for every kind: only the prompt can say which kind to draw. It still says where
   and how large, which the fidelity metrics score.
 - dotted: the extent's corner marks, set FRAME_PAD px further out, plus DOTS dots on the shape's
-  own outline, at the same polar angles about (cx, cy) for every kind (a phase drawn from the
-  scene's cx, cy, r, never from its kind). The dots are a small share of the outline, so copying
+  own outline, at the same polar angles about (cx, cy) for every kind (a phase hashed from the
+  shape's cx, cy, r, never from its kind). The dots are a small share of the outline, so copying
   the condition's pixels draws no filled shape; the marks fix the footprint, every kind shows the
   same number of white pixels, so fill ratio, extent and aspect read the kind at chance; but
   where the dots lie (at one radius, on a square, on a triangle) gives the kind to a model that
   recognises an outline from a few points. The style for prompt dropout's semantic claim: with
   no prompt the control must *read* the kind, which extent cannot test (there every arm guesses).
+  Dots, not partial outlines: a stretch of outline shows a corner or a curve to a 3x3 filter and
+  its hull nearly fills the shape; single dots say nothing alone, only together.
 
 Why a style applied when a condition is loaded, not a second data set: the tiny world's existing
 triples are reused as they are (the same targets, captions and splits), every sample's styled
 condition is a pure function of its scene (no randomness: identical in every run and seed), and
-nothing on disk can mix the two styles. The scene of sample i of a split is
+nothing on disk can mix the styles. The scene of sample i of a split is
 shapes.scene_at(SPLIT_SEEDS[split], i); each load checks it against the sample's caption, so a
 fill50k root that is not the generated tiny world is refused instead of restyled wrongly.
 
