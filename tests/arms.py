@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from cnexp.analysis.runs import OK, read_run
 from cnexp.control import get_branch
 from cnexp.train import train
@@ -28,3 +30,16 @@ def train_arm(tmp_path, overrides: list[str]):
     assert record.status == OK and "eval/perfect/shape_iou" in record.final, record.error
     loaded = get_branch(cfg.control.branch).load(tmp_path / "run" / "controlnet")
     return summary, loaded, cfg
+
+
+def unet_inputs(seed=0):
+    """(noisy latents, timesteps, text embeddings, conditions) of the tiny base's shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([5, 600]),
+            torch.randn(2, 77, 64, generator=generator),
+            torch.rand(2, 3, 64, 64, generator=generator))
+
+
+def per_sample(x):
+    """Per-sample mean and std (what cross_norm matches)."""
+    return x.mean((1, 2, 3)), x.std((1, 2, 3))

@@ -1,9 +1,13 @@
 """Shared fixtures: composed configs and the shipped tiny-world bundle."""
 from __future__ import annotations
 
+import os
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
@@ -13,6 +17,14 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "assets" / "tinyworld"
 
 register_configs()
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test`'s workers share the cores: each worker, and every run it starts (which
+    # inherits OMP_NUM_THREADS), gets its share, not one thread per core each (oversubscribed,
+    # two workers would slow each other many times over)
+    _share = max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_share)
+    torch.set_num_threads(_share)
 
 # Where Hydra puts a run started in the checkout without hydra.run.dir / hydra.sweep.dir.
 RUN_DIR_ROOTS = ("outputs", "multirun")
@@ -97,3 +109,25 @@ def tiny_data(tiny_cfg):
 
 def resolved(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
+
+
+@pytest.fixture
+def toy_package(tmp_path, monkeypatch):
+    """write(name, source) -> a package folder `name` under tmp_path whose toy.py holds `source`,
+    importable as <name>.toy (what a contributor's new module looks like to a registry); its
+    modules are forgotten afterwards (undoing a registration is the test's own job)."""
+    written = []
+
+    def write(name: str, source: str) -> Path:
+        package = tmp_path / name
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        (package / "toy.py").write_text(textwrap.dedent(source))
+        monkeypatch.syspath_prepend(str(tmp_path))
+        written.append(name)
+        return package
+
+    yield write
+    for name in written:
+        sys.modules.pop(f"{name}.toy", None)
+        sys.modules.pop(name, None)

@@ -5,7 +5,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from arms import train_arm
+from arms import per_sample, train_arm, unet_inputs as inputs
 from cnexp.control import build_controlnet, get_branch
 from cnexp.control.cross_norm import CrossNormControl, skip_features
 from cnexp.errors import CnexpError, ConfigError
@@ -16,17 +16,6 @@ PRESET = {"connector": "cross_norm", "connector_init": "default"}
 
 def control_cfg(tiny_cfg, **knobs):
     return OmegaConf.merge(tiny_cfg.control, knobs)
-
-
-def inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([5, 600]),
-            torch.randn(2, 77, 64, generator=generator),
-            torch.rand(2, 3, 64, 64, generator=generator))
-
-
-def per_sample(x):
-    return x.mean((1, 2, 3)), x.std((1, 2, 3))
 
 
 def test_cross_norm_with_lite_trains_samples_exports_and_reloads(tmp_path, tiny_cfg, tiny_base):

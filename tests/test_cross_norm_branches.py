@@ -7,7 +7,7 @@ import torch
 from diffusers import UNetControlNetXSModel
 from omegaconf import OmegaConf
 
-from arms import train_arm
+from arms import per_sample, train_arm, unet_inputs as inputs
 from cnexp.control import build_controlnet, get_branch
 from cnexp.control.branch import Branch
 from cnexp.control.cross_norm import SCALES_FILE, unwrap
@@ -24,17 +24,6 @@ WRAPPERS = {"xs": CrossNormXS, "t2i_adapter": CrossNormAdapter}
 def build(tiny_cfg, tiny_base, branch, **knobs):
     return build_controlnet(tiny_base.unet, OmegaConf.merge(
         tiny_cfg.control, {"branch": branch, **PRESET, **knobs}))
-
-
-def inputs(seed=0):
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(2, 4, 16, 16, generator=generator), torch.tensor([5, 600]),
-            torch.randn(2, 77, 64, generator=generator),
-            torch.rand(2, 3, 64, 64, generator=generator))
-
-
-def per_sample(x):
-    return x.mean((1, 2, 3)), x.std((1, 2, 3))
 
 
 def assert_normalised(added, reference, scale):

@@ -3,7 +3,6 @@ declare, a layout is one module (registered, imported only when chosen), and a m
 listing the choices."""
 import subprocess
 import sys
-import textwrap
 
 import pytest
 import torch
@@ -82,13 +81,9 @@ def test_a_misspelt_layout_fails_listing_the_choices(tmp_path):
 
 
 def test_a_layout_module_dropped_into_a_package_registers_and_feeds_the_datamodule(
-        tmp_path, monkeypatch):
-    package = tmp_path / "toy_layouts"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "toy.py").write_text(textwrap.dedent(TOY))
+        tmp_path, toy_package):
+    package = toy_package("toy_layouts", TOY)
     assert declared_in(package) == {"toy_memory": "toy"}  # what knobs.py makes the choices
-    monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(DataError, match="'toy_memory' is unknown"):
         get_layout("toy_memory")
     try:
@@ -115,5 +110,3 @@ def test_a_layout_module_dropped_into_a_package_registers_and_feeds_the_datamodu
             get_layout("toy_memry")
     finally:
         LAYOUTS.pop("toy_memory", None)  # the other tests see the built-in layouts only
-        for name in ("toy_layouts", "toy_layouts.toy"):
-            sys.modules.pop(name, None)

@@ -4,8 +4,6 @@ so a new metric (here a toy one, dropped into a package in a test) is one module
 edited."""
 import importlib
 import json
-import sys
-import textwrap
 
 import pytest
 from omegaconf import OmegaConf
@@ -101,15 +99,11 @@ def test_a_metric_runs_when_listed_and_switched_on(tiny_cfg, tiny_data, tmp_path
 @pytest.mark.skipif(not (TINY / "model_index.json").exists(),
                     reason="needs the tiny world bundle at assets/tinyworld")
 def test_a_metric_module_dropped_in_registers_runs_in_training_and_reaches_compare(
-        tmp_path, monkeypatch):
+        tmp_path, toy_package):
     from cnexp.train import train
 
-    package = tmp_path / "toy_metrics"
-    package.mkdir()
-    (package / "__init__.py").write_text("")
-    (package / "toy.py").write_text(textwrap.dedent(TOY))
+    package = toy_package("toy_metrics", TOY)
     assert declared_in(package) == {"toy_brightness": "toy"}  # what knobs.py makes the choices
-    monkeypatch.syspath_prepend(str(tmp_path))
     try:
         importlib.import_module("toy_metrics.toy")
         assert "toy_brightness" in metric_names()
@@ -130,7 +124,5 @@ def test_a_metric_module_dropped_in_registers_runs_in_training_and_reaches_compa
         assert "## toy_brightness: mean brightness (lower is better)" in report
     finally:
         METRICS.pop("toy_brightness", None)  # the other tests see the built-in metrics only
-        for name in ("toy_metrics", "toy_metrics.toy"):
-            sys.modules.pop(name, None)
     with pytest.raises(ConfigError, match="toy_brightness, which is unknown"):
         get_metric("toy_brightness")
