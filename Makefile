@@ -12,11 +12,14 @@ setup: .cnexp-setup
 run: setup
 	$(PYTHON) run.py $(ARGS)
 
+# test workers (pytest-xdist): a file's tests stay on one worker (its module fixtures are built
+# once; tests/test_slurm.py's one cluster); each worker's torch gets cores / workers threads
+TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: setup
-	$(PYTHON) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PYTHON) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 tinyworld: setup  # rebuild the shipped tiny base from scratch (~30 min on 2 CPU cores)
 	$(PYTHON) -m cnexp.tinyworld.build --out assets/tinyworld
