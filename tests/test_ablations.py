@@ -444,17 +444,23 @@ def test_an_unknown_preset_lists_the_available_ones():
 
 @pytest.mark.slow
 @pytest.mark.skipif(not (TINY / "model_index.json").exists(), reason="needs assets/tinyworld")
-@pytest.mark.parametrize("name", sorted(PRESETS))
-def test_every_preset_runs_fast_dev_run(name, tmp_path):
-    out = tmp_path / "run"
-    cmd = [sys.executable, "run.py", f"+ablation={name}", "trainer.fast_dev_run=true",
-           f"hydra.run.dir={out}", f"data.root={tmp_path / 'data'}", "data.train_size=32",
-           "data.val_size=8", "data.test_size=8", "data.eval_size=4", "sampling.steps=2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+def test_every_preset_runs_fast_dev_run(tmp_path):
+    """Every preset through run.py, as one multirun: one interpreter start for all of them."""
+    from cnexp.analysis.runs import OK, read_run
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "run.py", "-m", f"+ablation={','.join(sorted(PRESETS))}",
+           "trainer.fast_dev_run=true", f"hydra.sweep.dir={sweep}",
+           f"data.root={tmp_path / 'data'}", "data.train_size=32", "data.val_size=8",
+           "data.test_size=8", "data.eval_size=4", "sampling.steps=2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800,
                           env={**os.environ, "WANDB_MODE": "offline"})
-    log = proc.stdout + proc.stderr
-    assert proc.returncode == 0, log[-3000:]
-    assert (out / "metrics.json").exists()
-    damage = float(log.split("base damage at step 0")[1].split(":")[1].split()[0])
-    # cross_norm replaces the zero convolutions too (ControlNeXt: scale 1 from the start)
-    assert (damage > 0) == ("no_zero_conv" in name or name == "cross_norm"), damage
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = {r.ablation: r for r in map(read_run, sorted(p for p in sweep.iterdir()
+                                                            if p.is_dir()))}
+    assert sorted(records) == sorted(PRESETS)
+    for name, record in records.items():
+        assert record.status == OK and (record.path / "metrics.json").exists(), record.error
+        # cross_norm replaces the zero convolutions too (ControlNeXt: scale 1 from the start)
+        assert (record.base_damage > 0) == ("no_zero_conv" in name or name == "cross_norm"), \
+            (name, record.base_damage)
