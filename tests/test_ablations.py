@@ -50,6 +50,8 @@ PRESETS = {  # preset -> the knobs it sets (every other value is the baseline's)
     "only_mid_control": {"control.only_mid_control": True},
     "t2i_adapter": {"control.branch": "t2i_adapter"},
     "cross_norm": {"control.connector": "cross_norm", "control.connector_init": "default"},
+    "low_lr_cross_norm": {"optim.lr_factor": 0.1, "control.connector": "cross_norm",
+                          "control.connector_init": "default"},
     "lora_copy": {"control.branch": "lora_copy"},
 }
 
@@ -462,5 +464,5 @@ def test_every_preset_runs_fast_dev_run(tmp_path):
     for name, record in records.items():
         assert record.status == OK and (record.path / "metrics.json").exists(), record.error
         # cross_norm replaces the zero convolutions too (ControlNeXt: scale 1 from the start)
-        assert (record.base_damage > 0) == ("no_zero_conv" in name or name == "cross_norm"), \
+        assert (record.base_damage > 0) == ("no_zero_conv" in name or "cross_norm" in name), \
             (name, record.base_damage)
