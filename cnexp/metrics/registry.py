@@ -7,17 +7,14 @@ prompt setting's samples and logs `eval/<setting>/<name>` (the perfect prompt's 
 headline `eval/<name>`). Nothing else is edited to add one (docs/evaluation.md, "Adding a metric"):
 - `eval.metrics`' choices (cnexp/knobs.py `MetricName`) are the names declared here, read from
   the modules' source, so a misspelt name fails at composition, listing them;
-- compare reads `higher_is_better` and `label` from the same declarations, without importing
-  the modules (CLIP, torch) — declare them as literals on the class itself.
+- compare reads `higher_is_better` and `label` from the registered classes (`described`).
 
 A run scores a metric when it is in eval.metrics (null: every registered metric) and its own
 switch (`enabled(cfg)`: eval.clip_score, eval.fid) is on.
 """
 from __future__ import annotations
 
-import ast
 import dataclasses
-import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,62 +169,19 @@ def references(cfg, data, count: int) -> References:
     return References(count, cfg.eval.batch_size, key, val)
 
 
-# ---- directions for compare, read from source: no CLIP, no torch ------------------------------
-def _class_literals(path: Path, name: str) -> dict[str, Any]:
-    """The literal class attributes of the class in `path` whose `name` is `name`."""
-    for node in ast.parse(path.read_text(), str(path)).body:
-        if not isinstance(node, ast.ClassDef):
-            continue
-        values = {}
-        for stmt in node.body:
-            if isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and \
-                    isinstance(stmt.targets[0], ast.Name):
-                try:
-                    values[stmt.targets[0].id] = ast.literal_eval(stmt.value)
-                except ValueError:
-                    pass
-        if values.get("name") == name:
-            return values
-    return {}
-
-
-@functools.lru_cache(maxsize=1)
-def _fidelity_directions(path: Path = METRICS_PACKAGE / "fidelity.py") -> dict[str, bool]:
-    """metric -> higher_is_better of cnexp/metrics/fidelity.py's FIDELITY table, whose entries
-    are `Fidelity(score, ("metric", ...), higher_is_better=...)` literals."""
-    found = {}
-    for node in ast.parse(path.read_text(), str(path)).body:
-        if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == \
-                ["FIDELITY"] and isinstance(node.value, ast.Dict):
-            for call in node.value.values:
-                if isinstance(call, ast.Call) and len(call.args) >= 2:
-                    higher = next((ast.literal_eval(k.value) for k in call.keywords
-                                   if k.arg == "higher_is_better"), True)
-                    found.update({m: higher for m in ast.literal_eval(call.args[1])})
-    return found
-
-
-@functools.lru_cache(maxsize=1)
-def _declared(directory: Path) -> dict[str, dict[str, Any]]:
-    return {name: _class_literals(directory / f"{stem}.py", name)
-            for name, stem in declared_in(directory).items()}
-
-
-def described(key: str, directory: Path = METRICS_PACKAGE) -> dict[str, Any]:
+# ---- directions for compare ----------------------------------------------------------------
+def described(key: str) -> dict[str, Any]:
     """{"higher_is_better": bool, "label": str} for a logged metric name (clip_score,
-    clip_score_prompt, shape_iou, ...), or {} when no metric declares it: from the registered
-    classes, the declarations in `directory` and the fidelity table."""
-    described_by: dict[str, dict[str, Any]] = {}
-    for name, attrs in _declared(directory).items():
-        for logged in (name, *attrs.get("also_logs", ())):
-            described_by[logged] = {"higher_is_better": attrs.get("higher_is_better", True),
-                                    "label": attrs.get("label", "") if logged == name else ""}
-    for cls in METRICS.values():  # imported ones: inherited attributes count too
-        for logged in (cls.name, *cls.also_logs):
-            described_by[logged] = {"higher_is_better": cls.higher_is_better,
-                                    "label": cls.label if logged == cls.name else ""}
-    if key in described_by:
-        return described_by[key]
-    fidelity = _fidelity_directions()
-    return {"higher_is_better": fidelity[key], "label": ""} if key in fidelity else {}
+    clip_score_prompt, shape_iou, ...), or {} when no metric declares it: every registered
+    metric (the declared ones imported here) and the fidelity table."""
+    from cnexp.metrics.fidelity import FIDELITY
 
+    for name in metric_names():
+        cls = get_metric(name)
+        if key in (cls.name, *cls.also_logs):
+            return {"higher_is_better": cls.higher_is_better,
+                    "label": cls.label if key == cls.name else ""}
+    for fidelity in FIDELITY.values():
+        if key in fidelity.metrics:
+            return {"higher_is_better": fidelity.higher_is_better, "label": ""}
+    return {}
