@@ -228,7 +228,11 @@ def judge_claims(claims: list[Claim], groups: dict[str, list[RunRecord]],
                 level: float = 0.95) -> list[ClaimResult]:
     """Every claim's raw verdict, and its Holm-adjusted one over the claims the table tests
     (those with 2+ pairs; "not run" and "too few seeds" keep their verdict and do not count)."""
-    results = [judge_claim(c, groups, level) for c in claims]
+    return adjust_over_table([judge_claim(c, groups, level) for c in claims], level)
+
+
+def adjust_over_table(results: list[ClaimResult], level: float = 0.95) -> list[ClaimResult]:
+    """Set every result's Holm p and verdict, adjusted over the results given (the table)."""
     for r, p in zip(results, holm_adjust([r.p_value for r in results])):
         r.holm_p = p
         r.holm_verdict = (_verdict(r.diff, p, 1 - level, r.claim.expect) if finite(p)
@@ -290,23 +294,38 @@ def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
                              r.p_value, r.holm_p, r.holm_verdict or r.verdict])
 
 
-def holm_from_csv(path: Path, level: float = 0.95) -> list[dict]:
-    """Raw and Holm verdicts from a claims.csv, also one written before the p columns existed:
-    the p-value is recovered from the recorded mean and t-interval (sd = half-width x sqrt(n) /
-    t quantile), so a committed table is re-judged without the sweep's run records."""
-    rows = list(csv.DictReader(Path(path).open()))
-    diffs = []
-    for row in rows:
-        n, low, high = int(row["pairs"] or 0), float(row["diff_ci_low"] or "nan"), \
-            float(row["diff_ci_high"] or "nan")
+def _number(text: Optional[str]) -> float:
+    return float(text) if text not in (None, "") else math.nan
+
+
+def read_claims_csv(path: Path, level: float = 0.95) -> list[ClaimResult]:
+    """The results of a claims.csv, also one written before the p columns existed: the paired
+    sd is recovered from the recorded t-interval (half-width x sqrt(n) / t quantile) and p from
+    it, so a committed table is re-judged without the sweep's run records. Holm is left unset:
+    it depends on the table the results end up in (adjust_over_table)."""
+    results = []
+    for row in csv.DictReader(Path(path).open()):
+        n, low, high = int(row["pairs"] or 0), _number(row["diff_ci_low"]), \
+            _number(row["diff_ci_high"])
         sd = ((high - low) / 2 * math.sqrt(n) / stats.t.ppf(0.5 + level / 2, n - 1)
               if n >= 2 else math.nan)
-        diffs.append(Estimate(n, float(row["diff_mean"] or "nan"), sd, low, high))
-    adjusted = holm_adjust([paired_p_value(d) for d in diffs])
-    return [{"claim": row["claim"], "verdict": row["verdict"], "p": paired_p_value(d),
-             "holm_p": p, "holm_verdict": (_verdict(d, p, 1 - level, row["expect"])
-                                           if finite(p) else row["verdict"])}
-            for row, d, p in zip(rows, diffs, adjusted)]
+        diff = Estimate(n, _number(row["diff_mean"]), sd, low, high)
+        step = row["step"]
+        claim = Claim(row["claim"], row["arm"], row["metric"], row["expect"], row["reference"],
+                      int(step) if step else None)
+        share, needed = row.get("image_share"), row.get("seeds_needed")
+        results.append(ClaimResult(
+            claim, diff, _number(row["arm_mean"]), _number(row["reference_mean"]),
+            row["verdict"], _number(row["detectable"]), _number(share) if share else None,
+            int(needed) if needed else None, paired_p_value(diff)))
+    return results
+
+
+def holm_from_csv(path: Path, level: float = 0.95) -> list[dict]:
+    """Raw and Holm verdicts of one committed claims.csv, adjusted over that table."""
+    return [{"claim": r.claim.claim, "verdict": r.verdict, "p": r.p_value, "holm_p": r.holm_p,
+             "holm_verdict": r.holm_verdict}
+            for r in adjust_over_table(read_claims_csv(path, level), level)]
 
 
 if __name__ == "__main__":  # python -m cnexp.analysis.claims <claims.csv>: the Holm verdicts

@@ -1,0 +1,107 @@
+"""One claims table over several studies: each stage's committed claims.csv, re-judged with
+Holm's adjustment taken over every tested claim of every stage.
+
+    python -m cnexp.analysis.claims_table --out experiments/claims_table \\
+        claims_study=experiments/claims_study/report/claims.csv \\
+        small_data=experiments/regime_study/report_small_data/claims.csv ...
+
+Each stage judged its claims in its own sweep (`compare --claims`), so each stage's Holm verdicts
+control the error rate of that stage alone. The headline question ("which of the paper's claims
+does the framework reproduce?") is asked of all of them at once, so the family here is the study:
+one table, one adjustment. Only the committed tables are read (no run records): the paired sd is
+recovered from each recorded interval (`read_claims_csv`). Writes claims.md (the table with a
+verdict count), claims.csv (a `stage` column first) and claims.png (the forest plot).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+from collections import Counter
+from dataclasses import replace
+from pathlib import Path
+
+from cnexp.analysis.claims import (ClaimResult, ClaimsError, adjust_over_table, claims_markdown,
+                                   read_claims_csv, write_claims_csv)
+from cnexp.analysis.stats import finite
+
+
+def parse_stage(text: str) -> tuple[str, Path]:
+    """NAME=PATH, or ClaimsError saying what to write."""
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise ClaimsError(f"{text!r}: name each table, e.g. small_data=report_small_data/"
+                          "claims.csv")
+    return name, Path(path)
+
+
+def merge_tables(stages: list[tuple[str, Path]], level: float = 0.95) -> list[ClaimResult]:
+    """Every stage's results, each claim prefixed with its stage, Holm over all of them."""
+    results = []
+    for name, path in stages:
+        try:
+            rows = read_claims_csv(path, level)
+        except OSError as err:
+            raise ClaimsError(f"{path} (stage {name}): cannot be read ({err.strerror})") from None
+        except KeyError as err:
+            raise ClaimsError(f"{path} (stage {name}): no column {err} — is it a claims.csv "
+                              "written by cnexp.analysis.compare --claims?") from None
+        results += [replace(r, claim=replace(r.claim, claim=f"{name}: {r.claim.claim}"))
+                    for r in rows]
+    return adjust_over_table(results, level)
+
+
+def verdict_counts(results: list[ClaimResult]) -> str:
+    """'34 claims, 30 tested: raw 6 reproduced, 3 opposite; Holm 2 reproduced, 1 opposite'."""
+    tested = [r for r in results if finite(r.p_value)]
+    raw, holm = Counter(r.verdict for r in tested), Counter(r.holm_verdict for r in tested)
+    def part(c: Counter) -> str:
+        return ", ".join(f"{c[v]} {v}" for v in ("reproduced", "opposite", "not shown"))
+    return (f"{len(results)} claims, {len(tested)} tested — raw: {part(raw)}; "
+            f"Holm over all {len(tested)}: {part(holm)}")
+
+
+def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out: Path,
+                level: float = 0.95, figures: bool = True) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    sources = ", ".join(f"`{name}` ({path})" for name, path in stages)
+    lines = ["# One claims table", "", f"Stages: {sources}.", "", f"**{verdict_counts(results)}.**",
+             ""] + claims_markdown(results, level) + [""]
+    (out / "claims.md").write_text("\n".join(lines))
+    write_claims_csv(results, out / "claims.csv")
+    _prepend_stage_column(out / "claims.csv")
+    if figures:
+        from cnexp.analysis import plots  # matplotlib only where a figure is drawn
+        plots.claims_forest(results, out / "claims.png")
+    return out / "claims.md"
+
+
+def _prepend_stage_column(path: Path) -> None:
+    rows = list(csv.reader(path.open()))
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["stage"] + rows[0])
+        for row in rows[1:]:
+            writer.writerow([row[0].split(": ", 1)[0]] + row)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("stages", nargs="+", metavar="NAME=CLAIMS_CSV")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--level", type=float, default=0.95)
+    parser.add_argument("--no-figures", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        stages = [parse_stage(s) for s in args.stages]
+        results = merge_tables(stages, args.level)
+    except ClaimsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    path = write_table(results, stages, args.out, args.level, not args.no_figures)
+    print(f"{verdict_counts(results)}\nwrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
