@@ -189,19 +189,24 @@ def sources(root, style: str, **more) -> dict:
 
 @pytest.mark.parametrize("style, draw", [("extent", extent_condition),
                                          ("dotted", dotted_condition)])
-def test_a_style_is_applied_when_loaded_and_evaluation_items_carry_the_outline(tiny_root, style,
-                                                                               draw):
+def test_a_style_is_applied_when_loaded_and_evaluation_items_carry_the_outline(
+        tiny_root, style, draw, monkeypatch):
     plain, styled = sources(tiny_root, "outline"), sources(tiny_root, style)
+    plain_load = type(plain["val"]).load
+    monkeypatch.setattr(type(plain["val"]), "load", lambda *a: pytest.fail(
+        "a styled load decodes the outline file it redraws"))
     assert isinstance(styled["val"], StyledSource) and not isinstance(plain["val"], StyledSource)
     for split, seed in (("train", 0), ("val", 1)):
         sample = styled[split].load(2)
         assert np.array_equal(pixels(sample.condition), pixels(draw(scene_at(seed, 2))))
-        assert sample.captions == plain[split].load(2).captions
+        assert sample.captions == plain_load(plain[split], 2).captions
     # the training path that skips decoding the image sees the same styled condition
     assert np.array_equal(pixels(styled["train"].load_condition(1)[0]),
                           pixels(styled["train"].load(1).condition))
     val = TriplesDataset(styled["val"], 64)
-    item, ordinary = val[0], TriplesDataset(plain["val"], 64)[0]
+    item = val[0]
+    monkeypatch.undo()
+    ordinary = TriplesDataset(plain["val"], 64)[0]
     assert torch.equal(item["outline"], ordinary["condition"])  # what fidelity scores
     assert not torch.equal(item["condition"], ordinary["condition"])
     assert torch.equal(item["image"], ordinary["image"])
@@ -229,6 +234,9 @@ def test_extent_refuses_data_that_is_not_the_generated_tiny_world(tiny_root, tmp
         sources(tiny_root, "extent", annotator="canny")
     with pytest.raises(DataError, match="data.condition_style=extent"):
         sources(tiny_root / "train", "extent")  # one root: not the generated splits
+    # a layout that declares no styles (cnexp/data/layout.py condition_styles) says which does
+    with pytest.raises(DataError, match="data.layout=captions cannot: use data.layout=fill50k"):
+        sources(tiny_root, "dotted", layout="captions")
     other = ensure_tiny_dataset(tmp_path / "other", SIZES)
     # val's index (its captions) as train's: the files exist, but they are other scenes
     (other / "train" / "prompt.json").write_text((other / "val" / "prompt.json").read_text())

@@ -145,9 +145,14 @@ class Fill50kDataset(TriplesDataset):
 class Fill50kLayout(DataLayout):
     """data.layout=fill50k: one root, or train/ val/ test/ sub-roots each with its prompt.json."""
     name = "fill50k"
+    condition_styles = ("outline", "extent", "dotted")  # cnexp/tinyworld/styles.py
 
     def open_sources(self, cfg, cache_dir):
+        from cnexp.tinyworld.styles import restyle_sources
+
         root, with_condition = Path(cfg.root), cfg.annotator is None
         if all((root / s / "prompt.json").exists() for s in SPLITS):
-            return {s: Fill50kSource(root / s, with_condition) for s in SPLITS}
-        return {"train": Fill50kSource(root, with_condition)}
+            sources = {s: Fill50kSource(root / s, with_condition) for s in SPLITS}
+        else:
+            sources = {"train": Fill50kSource(root, with_condition)}
+        return restyle_sources(sources, cfg)

@@ -25,6 +25,8 @@ SPLITS = ("train", "val", "test")
 
 class DataLayout:
     name: ClassVar[str]  # the value of data.layout that selects it
+    # data.condition_style values its sources can draw (the tiny world's styles: fill50k)
+    condition_styles: ClassVar[tuple[str, ...]] = ("outline",)
 
     def open_sources(self, cfg: DataConfig, cache_dir: str | None) -> dict[str, Source]:
         """Split name ("train", "val", "test") -> a source of its raw samples, for the splits

@@ -151,7 +151,7 @@ class StyledSource:
         return styled_condition(scene, self.style)
 
     def load(self, index: int) -> Sample:
-        sample = self.source.load(index)
+        sample = self.source.load_image(index)  # the outline file is redrawn, not decoded
         return Sample(sample.image, self._styled(index, sample.origin), sample.captions,
                       sample.origin)
 
@@ -177,17 +177,16 @@ def _with_style(fingerprint: str, style: str) -> str:
 
 
 def restyle_sources(sources: dict, cfg) -> dict:
-    """The data module's sources with data.condition_style applied (unchanged for outline)."""
+    """The fill50k layout's sources with data.condition_style applied (unchanged for outline)."""
     style = str(getattr(cfg, "condition_style", OUTLINE))
     if style == OUTLINE:
         return sources
     if style not in STYLED:
         raise DataError(f"data.condition_style={style} is unknown: use outline or "
                         f"{', '.join(STYLED)}")
-    if str(cfg.layout) != "fill50k" or cfg.annotator is not None or set(sources) != set(
-            SPLIT_SEEDS):
+    if cfg.annotator is not None or set(sources) != set(SPLIT_SEEDS):
         raise DataError(f"data.condition_style={style} redraws the tiny world's conditions: it "
-                        "needs data.layout=fill50k on the generated train/ val/ test/ splits "
+                        "needs the generated train/ val/ test/ splits "
                         "(data.generate_tinyworld=true) and no data.annotator; set "
                         "data.condition_style=outline for other data")
     return {split: StyledSource(source, split, style) for split, source in sources.items()}
