@@ -159,13 +159,15 @@ VERDICT_COLOURS = {"reproduced": "tab:green", "opposite": "tab:red", "not shown"
 def claims_forest(results: list, path: Path) -> Optional[Path]:
     """One row per claim (cnexp/analysis/claims.py ClaimResult): the paired difference and its
     interval on the claim's own scale, the zero line, and the detectable effect on the paper's
-    side (dashed); green reproduced, red opposite, grey not shown."""
+    side (dashed); coloured by the Holm verdict (green reproduced, red opposite, grey not
+    shown), the raw one named in the title where it differs."""
     rows = [r for r in results if r.diff.n >= 2]
     if not rows:
         return None
     fig, axes = plt.subplots(len(rows), 1, figsize=(7.5, 0.95 * len(rows) + 0.6), squeeze=False)
     for ax, r in zip(axes[:, 0], rows):
-        colour = VERDICT_COLOURS.get(r.verdict, "black")
+        verdict = r.holm_verdict or r.verdict
+        colour = VERDICT_COLOURS.get(verdict, "black")
         ax.errorbar([r.diff.mean], [0], xerr=[[r.diff.mean - r.diff.low],
                                              [r.diff.high - r.diff.mean]],
                     fmt="o", color=colour, capsize=4)
@@ -178,12 +180,13 @@ def claims_forest(results: list, path: Path) -> Optional[Path]:
         ax.set_xlim(-span, span)
         ax.set_yticks([])
         step = f" @ {r.claim.step}" if r.claim.step is not None else ""
-        ax.set_title(f"{r.claim.arm} − {r.claim.reference}: {r.claim.metric}{step} "
-                     f"({r.verdict})", fontsize=8, loc="left")
+        said = verdict if verdict == r.verdict else f"raw {r.verdict}, Holm {verdict}"
+        claim = r.claim.claim if len(r.claim.claim) <= 64 else r.claim.claim[:63] + "…"
+        ax.set_title(f"{claim} — {r.claim.metric}{step} ({said})", fontsize=8, loc="left")
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("Paired Δ ± CI per claim (dashed: detectable effect on the paper's side)",
                  fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 1 - 0.35 / fig.get_figheight()))  # room for the suptitle
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
