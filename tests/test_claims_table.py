@@ -58,7 +58,7 @@ def test_the_command_writes_the_table_csv_and_forest(tmp_path, capsys):
     text = (out / "claims.md").read_text()
     assert "Holm over all 2: 2 reproduced, 0 opposite, 0 not shown" in text
     assert "| a: marginal claim |" in text
-    assert (out / "claims.png").stat().st_size > 0
+    assert (out / "claims.png").stat().st_size > 0 and (out / "overview.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("arg, says", [("a", "name each table"),

@@ -10,7 +10,9 @@ control the error rate of that stage alone. The headline question ("which of the
 does the framework reproduce?") is asked of all of them at once, so the family here is the study:
 one table, one adjustment. Only the committed tables are read (no run records): the paired sd is
 recovered from each recorded interval (`read_claims_csv`). Writes claims.md (the table with a
-verdict count), claims.csv (a `stage` column first) and claims.png (the forest plot).
+verdict count), claims.csv (a `stage` column first), claims.png (the forest plot, a row per
+claim on its own scale) and overview.png (every claim on one axis, in units of its detectable
+effect).
 """
 from __future__ import annotations
 
@@ -73,6 +75,7 @@ def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out:
     if figures:
         from cnexp.analysis import plots  # matplotlib only where a figure is drawn
         plots.claims_forest(results, out / "claims.png")
+        plots.claims_overview(results, out / "overview.png")
     return out / "claims.md"
 
 
