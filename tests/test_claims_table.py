@@ -31,7 +31,7 @@ def test_a_committed_table_reads_back_as_it_was_judged(tmp_path):
 def test_holm_is_taken_over_every_stage(tmp_path):
     # alone, each stage's one marginal claim (p 0.046) survives its own Holm (m = 1) ...
     first = stage_csv(tmp_path / "a.csv", {"marginal": [-0.02, -0.05, -0.01, -0.04]})
-    second = stage_csv(tmp_path / "b.csv", {"strong": [-0.10, -0.11, -0.09, -0.10],
+    second = stage_csv(tmp_path / "b.csv", {"b: strong": [-0.10, -0.11, -0.09, -0.10],
                                             "null": [0.03, -0.05, 0.01, -0.02]})
     assert first[0].holm_verdict == REPRODUCED and first[0].holm_p == pytest.approx(0.0462,
                                                                                    abs=1e-4)

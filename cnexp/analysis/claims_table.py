@@ -48,9 +48,14 @@ def merge_tables(stages: list[tuple[str, Path]], level: float = 0.95) -> list[Cl
         except KeyError as err:
             raise ClaimsError(f"{path} (stage {name}): no column {err} — is it a claims.csv "
                               "written by cnexp.analysis.compare --claims?") from None
-        results += [replace(r, claim=replace(r.claim, claim=f"{name}: {r.claim.claim}"))
+        results += [replace(r, claim=replace(r.claim, claim=_staged(name, r.claim.claim)))
                     for r in rows]
     return adjust_over_table(results, level)
+
+
+def _staged(stage: str, claim: str) -> str:
+    """'stage: claim', once (a claim that already names its stage keeps its text)."""
+    return claim if claim.startswith(f"{stage}: ") else f"{stage}: {claim}"
 
 
 def verdict_counts(results: list[ClaimResult]) -> str:
