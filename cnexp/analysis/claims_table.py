@@ -71,9 +71,10 @@ def verdict_counts(results: list[ClaimResult]) -> str:
 def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out: Path,
                 level: float = 0.95, figures: bool = True) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    sources = ", ".join(f"`{name}` ({path})" for name, path in stages)
-    lines = ["# One claims table", "", f"Stages: {sources}.", "", f"**{verdict_counts(results)}.**",
-             ""] + claims_markdown(results, level) + [""]
+    command = " ".join(["python -m cnexp.analysis.claims_table --out", str(out)] +
+                       [f"{name}={path}" for name, path in stages])
+    lines = ["# One claims table", "", f"`{command}`", "",
+             f"**{verdict_counts(results)}.**", ""] + claims_markdown(results, level) + [""]
     (out / "claims.md").write_text("\n".join(lines))
     write_claims_csv(results, out / "claims.csv")
     _prepend_stage_column(out / "claims.csv")
