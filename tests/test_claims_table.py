@@ -1,11 +1,13 @@
 """One claims table over several stages: committed claims.csv files re-judged with Holm over all."""
 import csv
+import dataclasses
 
 import pytest
 
 from cnexp.analysis.claims import (NOT_SHOWN, REPRODUCED, Claim, judge_claims, read_claims_csv,
                                    write_claims_csv)
 from cnexp.analysis.claims_table import main, merge_tables
+from cnexp.analysis.plots import in_detectable_units
 from test_claims_multiplicity import KEY, sweep
 
 
@@ -74,3 +76,15 @@ def test_a_file_that_is_not_a_claims_table_is_named(tmp_path, capsys):
     assert main([f"a={tmp_path / 'runs.csv'}", "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "runs.csv" in err and "claims.csv written by" in err
+
+
+def test_the_overview_puts_every_claim_in_units_of_its_detectable_effect(tmp_path):
+    # Δ −0.06 in [−0.08, −0.04], the paper expecting lower, detectable 0.03: 2 on the paper's side
+    stage_csv(tmp_path / "a.csv", {"arm": [-0.06, -0.05, -0.07, -0.06]})
+    (result,) = merge_tables([("a", tmp_path / "a.csv")])
+    mean, low, high = in_detectable_units(result)
+    assert mean == pytest.approx(-result.diff.mean / result.detectable) and mean > 0
+    assert (low, high) == pytest.approx((-result.diff.high / result.detectable,
+                                         -result.diff.low / result.detectable))
+    higher = dataclasses.replace(result, claim=dataclasses.replace(result.claim, expect="higher"))
+    assert in_detectable_units(higher) == pytest.approx((-mean, -high, -low))

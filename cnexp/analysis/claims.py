@@ -84,6 +84,7 @@ class ClaimResult:
     p_value: float = math.nan  # two-sided paired t-test of Δ = 0 (NaN below 2 pairs)
     holm_p: float = math.nan  # p adjusted over the table's tested claims (Holm)
     holm_verdict: str = ""  # the verdict at that adjusted p (judge_claims sets it)
+    stage: str = ""  # the study stage it came from, in a table over several (claims_table.py)
 
 
 def load_claims(path: Path) -> list[Claim]:
@@ -279,19 +280,21 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
 
 
 def write_claims_csv(results: list[ClaimResult], path: Path) -> None:
+    """One row per result; a `stage` column first when the results come from several stages."""
+    staged = any(r.stage for r in results)
     with Path(path).open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["claim", "arm", "reference", "metric", "step", "expect", "pairs",
-                         "arm_mean", "reference_mean", "diff_mean", "diff_ci_low",
-                         "diff_ci_high", "verdict", "detectable", "seeds_needed",
-                         "image_share", "p_value", "holm_p", "holm_verdict"])
+        writer.writerow(["stage"] * staged + [
+            "claim", "arm", "reference", "metric", "step", "expect", "pairs", "arm_mean",
+            "reference_mean", "diff_mean", "diff_ci_low", "diff_ci_high", "verdict",
+            "detectable", "seeds_needed", "image_share", "p_value", "holm_p", "holm_verdict"])
         for r in results:
             c = r.claim
-            writer.writerow([c.claim, c.arm, c.reference, c.metric, c.step, c.expect, r.diff.n,
-                             r.arm_mean, r.reference_mean, r.diff.mean, r.diff.low, r.diff.high,
-                             r.verdict, r.detectable, r.seeds_needed or "",
-                             "" if r.image_share is None else r.image_share,
-                             r.p_value, r.holm_p, r.holm_verdict or r.verdict])
+            writer.writerow([r.stage] * staged + [
+                c.claim, c.arm, c.reference, c.metric, c.step, c.expect, r.diff.n, r.arm_mean,
+                r.reference_mean, r.diff.mean, r.diff.low, r.diff.high, r.verdict, r.detectable,
+                r.seeds_needed or "", "" if r.image_share is None else r.image_share,
+                r.p_value, r.holm_p, r.holm_verdict or r.verdict])
 
 
 def _number(text: Optional[str]) -> float:

@@ -17,14 +17,14 @@ effect).
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
-from cnexp.analysis.claims import (ClaimResult, ClaimsError, adjust_over_table, claims_markdown,
-                                   read_claims_csv, write_claims_csv)
+from cnexp.analysis.claims import (NOT_SHOWN, OPPOSITE, REPRODUCED, ClaimResult, ClaimsError,
+                                   adjust_over_table, claims_markdown, read_claims_csv,
+                                   write_claims_csv)
 from cnexp.analysis.stats import finite
 
 
@@ -48,7 +48,8 @@ def merge_tables(stages: list[tuple[str, Path]], level: float = 0.95) -> list[Cl
         except KeyError as err:
             raise ClaimsError(f"{path} (stage {name}): no column {err} — is it a claims.csv "
                               "written by cnexp.analysis.compare --claims?") from None
-        results += [replace(r, claim=replace(r.claim, claim=_staged(name, r.claim.claim)))
+        results += [replace(r, stage=name,
+                            claim=replace(r.claim, claim=_staged(name, r.claim.claim)))
                     for r in rows]
     return adjust_over_table(results, level)
 
@@ -58,14 +59,17 @@ def _staged(stage: str, claim: str) -> str:
     return claim if claim.startswith(f"{stage}: ") else f"{stage}: {claim}"
 
 
+def _counted(verdicts: Counter) -> str:
+    return ", ".join(f"{verdicts[v]} {v}" for v in (REPRODUCED, OPPOSITE, NOT_SHOWN))
+
+
 def verdict_counts(results: list[ClaimResult]) -> str:
-    """'34 claims, 30 tested: raw 6 reproduced, 3 opposite; Holm 2 reproduced, 1 opposite'."""
+    """'33 claims, 33 tested — raw: 12 reproduced, 3 opposite, 18 not shown; Holm over all 33:
+    2 reproduced, 1 opposite, 30 not shown'."""
     tested = [r for r in results if finite(r.p_value)]
     raw, holm = Counter(r.verdict for r in tested), Counter(r.holm_verdict for r in tested)
-    def part(c: Counter) -> str:
-        return ", ".join(f"{c[v]} {v}" for v in ("reproduced", "opposite", "not shown"))
-    return (f"{len(results)} claims, {len(tested)} tested — raw: {part(raw)}; "
-            f"Holm over all {len(tested)}: {part(holm)}")
+    return (f"{len(results)} claims, {len(tested)} tested — raw: {_counted(raw)}; "
+            f"Holm over all {len(tested)}: {_counted(holm)}")
 
 
 def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out: Path,
@@ -76,22 +80,12 @@ def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out:
     lines = ["# One claims table", "", f"`{command}`", "",
              f"**{verdict_counts(results)}.**", ""] + claims_markdown(results, level) + [""]
     (out / "claims.md").write_text("\n".join(lines))
-    write_claims_csv(results, out / "claims.csv")
-    _prepend_stage_column(out / "claims.csv")
+    write_claims_csv(results, out / "claims.csv")  # with the stage column first
     if figures:
         from cnexp.analysis import plots  # matplotlib only where a figure is drawn
         plots.claims_forest(results, out / "claims.png")
         plots.claims_overview(results, out / "overview.png")
     return out / "claims.md"
-
-
-def _prepend_stage_column(path: Path) -> None:
-    rows = list(csv.reader(path.open()))
-    with path.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["stage"] + rows[0])
-        for row in rows[1:]:
-            writer.writerow([row[0].split(": ", 1)[0]] + row)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -181,8 +181,8 @@ def claims_forest(results: list, path: Path) -> Optional[Path]:
         ax.set_yticks([])
         step = f" @ {r.claim.step}" if r.claim.step is not None else ""
         said = verdict if verdict == r.verdict else f"raw {r.verdict}, Holm {verdict}"
-        claim = r.claim.claim if len(r.claim.claim) <= 64 else r.claim.claim[:63] + "…"
-        ax.set_title(f"{claim} — {r.claim.metric}{step} ({said})", fontsize=8, loc="left")
+        ax.set_title(f"{_short(r.claim.claim, 64)} — {r.claim.metric}{step} ({said})",
+                     fontsize=8, loc="left")
         ax.tick_params(axis="x", labelsize=7)
     fig.suptitle("Paired Δ ± CI per claim (dashed: detectable effect on the paper's side)",
                  fontsize=9)
@@ -190,6 +190,19 @@ def claims_forest(results: list, path: Path) -> Optional[Path]:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def _short(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most - 1] + "…"
+
+
+def in_detectable_units(r) -> tuple[float, float, float]:
+    """A claim's Δ, and its interval's ends (low, high), divided by its detectable effect and
+    signed so that the paper's direction is positive: 1 is the smallest effect the design finds
+    on the paper's side, and the interval excludes 0 exactly when the raw one does."""
+    side = (1 if r.claim.expect == "higher" else -1) / r.detectable
+    low, high = sorted((r.diff.low * side, r.diff.high * side))
+    return r.diff.mean * side, low, high
 
 
 def claims_overview(results: list, path: Path) -> Optional[Path]:
@@ -203,19 +216,17 @@ def claims_overview(results: list, path: Path) -> Optional[Path]:
         return None
     fig, ax = plt.subplots(figsize=(9, 0.28 * len(rows) + 1.2))
     for y, r in enumerate(reversed(rows)):
-        side = (1 if r.claim.expect == "higher" else -1) / r.detectable
-        low, high = sorted((r.diff.low * side, r.diff.high * side))
+        mean, low, high = in_detectable_units(r)
         verdict = r.holm_verdict or r.verdict
         colour = VERDICT_COLOURS.get(verdict, "black")
         raw = VERDICT_COLOURS.get(r.verdict, "black")  # a hollow dot: the raw verdict's colour
         ax.plot([low, high], [y, y], color=colour, linewidth=1.5)
-        ax.plot([r.diff.mean * side], [y], "o", markersize=5, color=raw,
+        ax.plot([mean], [y], "o", markersize=5, color=raw,
                 markerfacecolor=colour if verdict == r.verdict else "white")
     ax.axvline(0, color="black", linewidth=0.8)
     ax.axvline(1, color="black", linewidth=0.6, linestyle="--")
     ax.set_yticks(range(len(rows)))
-    ax.set_yticklabels([r.claim.claim if len(r.claim.claim) <= 70 else r.claim.claim[:69] + "…"
-                        for r in reversed(rows)], fontsize=7)
+    ax.set_yticklabels([_short(r.claim.claim, 70) for r in reversed(rows)], fontsize=7)
     ax.set_xlabel("Δ / detectable effect, paper's direction to the right (dashed: detectable)",
                   fontsize=8)
     ax.tick_params(axis="x", labelsize=7)

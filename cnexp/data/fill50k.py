@@ -18,6 +18,7 @@ from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import (DataError, Sample, caption_list, file_stamps, image_size,
                                open_rgb, path_in_root, read_text)
 from cnexp.data.layout import SPLITS, DataLayout, register
+from cnexp.knobs import ConditionStyle
 
 __all__ = ["DataError", "Fill50kDataset", "Fill50kSource", "read_index"]
 
@@ -145,7 +146,7 @@ class Fill50kDataset(TriplesDataset):
 class Fill50kLayout(DataLayout):
     """data.layout=fill50k: one root, or train/ val/ test/ sub-roots each with its prompt.json."""
     name = "fill50k"
-    condition_styles = ("outline", "extent", "dotted")  # cnexp/tinyworld/styles.py
+    condition_styles = tuple(s.value for s in ConditionStyle)  # cnexp/tinyworld/styles.py
 
     def open_sources(self, cfg, cache_dir):
         from cnexp.tinyworld.styles import restyle_sources
