@@ -166,7 +166,11 @@ def intrablock_features(unet, join):
     """Within: the features a UNet call gets as down_intrablock_additional_residuals enter where
     diffusers adds them - an attending down block's last layer, after any other down block, a
     leftover of the middle block's shape after it (T2I-Adapter-XL) - as join(k, f_k, hidden)
-    instead of hidden + f_k. The UNet itself never sees them."""
+    instead of hidden + f_k. The UNet itself never sees them.
+
+    Mirrors diffusers' `UNet2DConditionModel.forward` (its `is_adapter` branches: an attending
+    block's `additional_residuals`, `sample += ....pop(0)` after a plain block and after the
+    middle block when the shapes match); tests/test_t2i_intrablock_pin.py pins the two equal."""
     state = {"features": [], "next": 0}
 
     def take(module, args, kwargs):

@@ -39,11 +39,6 @@ INCEPTION_SIZE = 299
 REAL_STATES = ("real_features_sum", "real_features_cov_sum", "real_features_num_samples")
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """(N, 3, H, W) in [0, 1] -> uint8, rounded as a PNG writer would."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8)
-
-
 def clean_resize(images: torch.Tensor, size: int = INCEPTION_SIZE) -> torch.Tensor:
     """(N, 3, H, W) values 0..255 -> (N, 3, size, size) float, resized as clean-fid does (PIL's
     bicubic in float, which torch's antialiased bicubic reproduces), clamped to 0..255."""

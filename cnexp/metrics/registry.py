@@ -149,7 +149,7 @@ class References:
         """uint8 (B, 3, H, W) batches of the images."""
         import torch
 
-        from cnexp.metrics.fid import to_uint8
+        from cnexp.metrics.pixels import to_uint8
 
         for start in range(0, self.count, self.batch_size):
             stop = min(start + self.batch_size, self.count)
