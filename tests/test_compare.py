@@ -213,7 +213,7 @@ def test_wandb_unreachable_is_one_clear_message(monkeypatch, capsys):
 
 
 def test_dynamics_table_reads_base_damage_and_sudden_convergence_per_seed():
-    from cnexp.analysis.compare import dynamics_rows
+    from cnexp.analysis.report import dynamics_rows
     from cnexp.analysis.runs import RunRecord
 
     def run(seed, damage, cross):

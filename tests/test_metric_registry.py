@@ -8,7 +8,8 @@ import json
 import pytest
 from omegaconf import OmegaConf
 
-from cnexp.analysis.compare import compare, heading
+from cnexp.analysis.compare import compare
+from cnexp.analysis.report import heading
 from cnexp.analysis.runs import OK, read_run
 from cnexp.errors import ConfigError
 from cnexp.knobs import METRICS_PACKAGE, MetricName, declared_in
