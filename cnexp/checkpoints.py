@@ -1,7 +1,7 @@
 """Checkpoints a resume can trust: stable names, one write per save, and a resume that checks
 what it loads.
 
-`RunCheckpoints` is Lightning's `ModelCheckpoint` with four differences:
+`RunCheckpoints` is Lightning's `ModelCheckpoint` with five differences:
 
 - **A constant state key.** Lightning's key holds the save interval, whose default here is
   `trainer.max_steps // 4`: a resume with a larger `max_steps` found no state, so it wrote
@@ -10,8 +10,11 @@ what it loads.
 - **Paths re-rooted by name.** The state names files by absolute path, and Lightning drops it
   when the run directory has moved (a copy, a move, another mount): again `last-v1.ckpt`. Here
   every name is taken as a file of this run's `checkpoints/`.
-- **No version counter**: a checkpoint's name is its step (`epoch=E-step=S.ckpt`, `last.ckpt`),
-  never `-v1`, whatever the directory held.
+- **Names a command line takes as typed**: a checkpoint's name is its step (`step-000012.ckpt`,
+  `last.ckpt`), never `-v1`, whatever the directory held, and without Lightning's `=`
+  (`epoch=0-step=12.ckpt`), which Hydra's override grammar refuses unquoted in
+  `ckpt_path=<path>`. Older names still resume (by path, or as the newest of `checkpoints/`).
+- **The run's identity in every checkpoint** (cnexp/run_identity.py), whoever saves it.
 - **One write per save.** The periodic checkpoint is written once (SafeCheckpointIO: a temporary
   file, fsync, rename) and `last.ckpt` becomes a hard link to it, made under a temporary name and
   renamed over `last.ckpt`, so `last.ckpt` is a whole checkpoint at every instant and the previous
@@ -34,6 +37,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from cnexp.reliability import CheckpointError
+from cnexp.run_identity import IDENTITY_KEY
 from cnexp.storage import storage_errors
 from cnexp.sweep import is_rank_zero
 
@@ -42,14 +46,22 @@ log = logging.getLogger("cnexp")
 LAST_NAME = "last.ckpt"
 STATE_KEY = "ModelCheckpoint"  # one key, whatever the interval or directory
 PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
+STEP_NAME = "step-{step:06d}"  # step-000012.ckpt: no '=' for Hydra's grammar, sorts by step
 
 
 class RunCheckpoints(ModelCheckpoint):
     """Every `every` steps into `dirpath`, with `last.ckpt` linked to the newest (see above)."""
 
-    def __init__(self, dirpath: str | Path, every: int):
-        super().__init__(dirpath=dirpath, every_n_train_steps=every, save_last="link",
+    def __init__(self, dirpath: str | Path, every: int, identity: Optional[dict] = None):
+        super().__init__(dirpath=dirpath, filename=STEP_NAME, auto_insert_metric_name=False,
+                         every_n_train_steps=every, save_last="link",
                          enable_version_counter=False)
+        self.identity = identity
+
+    def on_save_checkpoint(self, trainer, module, checkpoint: dict[str, Any]) -> None:
+        # every save (periodic, a signal's, the guard's) runs this hook: each carries the run
+        if self.identity is not None:
+            checkpoint[IDENTITY_KEY] = self.identity
 
     @property
     def state_key(self) -> str:
@@ -102,18 +114,23 @@ def link_atomically(source: Path, target: Path) -> None:
 
 
 # ---- what ckpt_path=last|auto resumes from ------------------------------------------------------
+def load_mapped(path: str | Path) -> Any:
+    """torch.load with the tensors memory-mapped (torch's legacy format: read)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise
+        return torch.load(path, map_location="cpu")  # torch's legacy (non-zip) format
+
+
 def read_step(path: Path) -> tuple[Optional[int], str]:
     """(global_step, "") for a file that reads as a Lightning checkpoint, else (None, why). The
     tensors are memory-mapped, not read: the check costs the pickle, not gigabytes."""
     try:
         if path.stat().st_size == 0:
             return None, "it is empty"
-        try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            checkpoint = torch.load(path, map_location="cpu")  # torch's legacy (non-zip) format
+        checkpoint = load_mapped(path)
     except FileNotFoundError:
         return None, "it is missing"
     except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is unusable

@@ -242,7 +242,8 @@ class TrainConfig:
     seed: int = field(default=0, metadata=SEED)
     export: bool = True  # save the trained branch in diffusers' format (the branch's export)
     # resume: "last" (this run dir's checkpoints/last.ckpt, which must exist), "auto" (resume if
-    # it exists, else start fresh; a finished run is left alone), or a checkpoint path
+    # it exists, else start fresh; a finished run is left alone), or a checkpoint path; the
+    # checkpoint's knobs must be this run's (cnexp/run_identity.py)
     ckpt_path: Optional[str] = None
 
 
@@ -255,6 +256,9 @@ def default_cache_dir() -> str:
     working directory is often a home quota or a scratch that does not outlive it)."""
     if os.environ.get("CNEXP_CACHE"):
         return str(Path(os.environ["CNEXP_CACHE"]).expanduser())
+    # true: a new run that starts from ckpt_path's trained weights (another run's, other knobs
+    # allowed) at step 0, with a fresh optimizer and record; metrics.json's warm_start says so
+    warm_start: bool = False
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: absolute only
     return str(root / "cnexp")

@@ -9,7 +9,9 @@ Version history: 1 (no `version` key) = the fields below up to `sudden_convergen
 resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a resumed run;
 3 adds `final_images` (each evaluation image's fidelity scores at the last full evaluation);
 4 adds `data_check` (the data check's counts: samples per split, duplicates and how they were
-handled, samples left out or refused; cnexp/data/check.py).
+handled, samples left out or refused; cnexp/data/check.py);
+5 adds `warm_start` (null, or the checkpoint a warm start took its weights from: `from`, `step`,
+`config_hash`, `changed` = knob -> [the checkpoint's, this run's]; cnexp/run_identity.py).
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ from typing import Any, Optional
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write_json
 
-RECORD_VERSION = 4
+RECORD_VERSION = 5
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"  # a failed run's traceback
@@ -56,6 +58,7 @@ class RunMetrics:
     # "eval/<setting>/<metric>" -> one score per evaluation image, in the set's order
     final_images: dict[str, list[float]] = field(default_factory=dict)
     data_check: dict[str, Any] = field(default_factory=dict)  # what the data check counted
+    warm_start: Optional[dict[str, Any]] = None  # a new run from another's weights: where from
     version: int = RECORD_VERSION
 
     def to_json(self) -> dict:
@@ -137,6 +140,8 @@ def read_metrics(path: str | Path) -> RunMetrics:
         raise RecordError(f"{path}: field 'final_images' must be an object of lists of numbers")
     if not isinstance(data.get("data_check", {}), dict):
         raise RecordError(f"{path}: field 'data_check' must be an object")
+    if not isinstance(data.get("warm_start") or {}, dict):  # null: not a warm start
+        raise RecordError(f"{path}: field 'warm_start' must be an object or null")
     if not isinstance(data.get("sudden_convergence", {}), dict):
         raise RecordError(f"{path}: field 'sudden_convergence' must be an object")
     for name in ("base_damage_step0", "final_loss", "fit_seconds", "eval_seconds",

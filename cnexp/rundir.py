@@ -7,7 +7,8 @@ its files with the first's. The kernel drops the lock when its process dies howe
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
 A resume must train what the run trained. Hydra rewrites `.hydra/` at every start, so a fresh run
 keeps a copy as `.hydra_at_start/`; a resume with other knobs than those is refused, naming
-them. A refused start leaves the holder's directory byte for byte as it was, times included:
+them (and so is one whose checkpoint's own knobs differ, from any path: cnexp/run_identity.py).
+A refused start leaves the holder's directory byte for byte as it was, times included:
 what Hydra writes before any callback runs is snapshot earlier and put back
 (cnexp/rundir_snapshot.py).
 """
@@ -29,7 +30,6 @@ from omegaconf import DictConfig, OmegaConf
 from cnexp.errors import CnexpError
 from cnexp.fileio import LockUnsupported, atomic_write, file_lock
 from cnexp.fileio import acquire as acquire_lock
-from cnexp.overrides import flatten, knob_diff
 from cnexp.record import METRICS_FILE
 from cnexp.rundir_snapshot import RunDirSnapshot
 from cnexp.slurm_job import slurm_launcher
@@ -150,15 +150,15 @@ def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
 def changed_knobs(run_dir: Path, config: DictConfig) -> dict[str, tuple[Any, Any]]:
     """knob -> (the run's value, this resume's) for every knob a resume may not change; knobs
     the run's config does not have (added to cnexp since) keep their defaults and pass."""
+    # the comparison a checkpoint's identity gets (cnexp/run_identity.py), against the config
+    # the run kept when it started
+    from cnexp.run_identity import config_knobs, knob_changes, run_knobs
+
     saved = Path(run_dir) / HYDRA_AT_START / "config.yaml"
     if not saved.exists():
         return {}
-    before = OmegaConf.to_container(OmegaConf.load(saved), resolve=False)
-    now = _task_config(config)
-    flat_before, flat_now = flatten(before), flatten(now)
-    keys = [k for k in knob_diff(now, before) if k in flat_before and k not in RESUME_MAY_CHANGE]
-    keys += [k for k in ("ablation", "seed") if before.get(k) != now.get(k)]
-    return {k: (flat_before.get(k), flat_now.get(k)) for k in keys}
+    before = run_knobs(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
+    return knob_changes(before, config_knobs(config))
 
 
 def _hydra_dir(run_dir: Path, config: DictConfig) -> Optional[Path]:
@@ -182,12 +182,6 @@ def restore_hydra_files(run_dir: Path, config: DictConfig) -> None:
         return
     for path in (Path(run_dir) / HYDRA_AT_START).glob("*.yaml"):
         atomic_write(target / path.name, path.read_bytes())
-
-
-def _task_config(config: DictConfig) -> dict:
-    task = OmegaConf.to_container(config, resolve=False)
-    task.pop("hydra", None)
-    return task
 
 
 class RunDirGuard(Callback):

@@ -1,12 +1,14 @@
 """The part of a run's record that lives in its checkpoints, so a resume continues it.
 
 `RunLog` keeps the training loss at every `trainer.log_every_n_steps`, the fit time of earlier
-segments and the steps a run was resumed from; Lightning stores its `state_dict` in every
-checkpoint. Together with the evaluation history (EvaluationCallback's state) it is the whole
-record: a run killed after a checkpoint and resumed from it writes the same metrics.json and
-csv/metrics.csv as one that never stopped (timings aside). The CSV is rewritten whole from the
-record (at each evaluation, each checkpoint and the end), never appended to, so rows logged after
-the last checkpoint of a killed run cannot appear twice.
+segments, the steps a run was resumed from and where a warm start took its weights from; Lightning
+stores its `state_dict` in every checkpoint (`state_problem` says when one is not that shape:
+cnexp/run_identity.py refuses such a resume). Together with the evaluation history
+(EvaluationCallback's state) it is the whole record: a run killed after a checkpoint and
+resumed from it writes the same metrics.json and csv/metrics.csv as one that never stopped
+(timings aside). The CSV is rewritten whole from the record (at each evaluation, each checkpoint
+and the end), never appended to, so rows logged after the last checkpoint of a killed run cannot
+appear twice.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ class RunLog(L.Callback):
         self.eval_history = eval_history
         self.losses: list[dict] = []  # [{"step": s, "train/loss": v}]; s = steps done
         self.resumed_at: list[int] = []
+        self.warm_start: dict | None = None  # the checkpoint a warm start took its weights from
         self.earlier_seconds = 0.0  # fit time of the segments before this process
         self._segment_start: float | None = None
 
@@ -47,12 +50,29 @@ class RunLog(L.Callback):
     # ---- checkpoint state ---------------------------------------------------------------------
     def state_dict(self) -> dict:
         return {"losses": list(self.losses), "resumed_at": list(self.resumed_at),
-                "fit_seconds": self.fit_seconds}
+                "fit_seconds": self.fit_seconds, "warm_start": self.warm_start}
 
     def load_state_dict(self, state: dict) -> None:
         self.losses = list(state["losses"])
         self.resumed_at = list(state["resumed_at"])
         self.earlier_seconds = float(state["fit_seconds"])
+        self.warm_start = state.get("warm_start")  # absent before warm starts existed
+
+    @staticmethod
+    def state_problem(state) -> str | None:
+        """What makes `state` (from a checkpoint; None: none saved) other than state_dict's
+        shape, or None: a resume would otherwise mix its rows with renamed ones."""
+        if state is None:
+            return None
+        missing = [k for k in ("losses", "resumed_at", "fit_seconds") if k not in state]
+        if missing:
+            return f"state has no '{missing[0]}' (it has {', '.join(map(str, state))})"
+        rows = state["losses"] if isinstance(state["losses"], list) else [None]
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict) or set(row) != {"step", LOSS}:
+                fields = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+                return f"loss row {i} has fields {fields} (step, {LOSS} expected)"
+        return None
 
     # ---- hooks --------------------------------------------------------------------------------
     def on_train_start(self, trainer, module) -> None:

@@ -29,7 +29,7 @@ from cnexp.progress import StepProgressBar
 from cnexp.record import RunMetrics, write_metrics
 from cnexp.finite import NonFiniteGuard
 from cnexp.reliability import SafeCheckpointIO
-from cnexp.rundir import resume_path, wanted_resume
+from cnexp.run_identity import choose_start, load_warm_weights, run_identity
 from cnexp.runlog import RunLog
 from cnexp.signals import StopAtStepEnd, StopSignals
 from cnexp.slurm_job import apply_slurm_resources
@@ -88,13 +88,14 @@ def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
 def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     """The whole experiment. Returns (and writes to metrics.json) the run's summary.
     `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside run.py."""
+    identity = run_identity(cfg)  # what its checkpoints carry: the knobs as the run was given
     apply_slurm_resources(cfg)  # under hydra/launcher=slurm the job's GPUs choose the devices
     validate(cfg)
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # before anything heavy: a wrong one fails now
-    ckpt_path = resume_path(wanted_resume(cfg.ckpt_path), out_dir)
+    # before anything heavy: a wrong checkpoint, or one of another run, fails now
+    begin = choose_start(cfg, out_dir, identity)  # resume, warm start or fresh
     L.seed_everything(cfg.seed, workers=True)
     device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
     if device.accelerator == "cpu" and isinstance(device.devices, int):
@@ -114,6 +115,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     cache = build_cache(cfg.cache, cfg.paths.cache, base)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile, branch=branch)
+    if begin.warm:
+        load_warm_weights(module, begin)
     # the tokenizer: setup warns once about captions it cannot carry whole
     prompts = (cfg.eval.insufficient_prompt,) if cfg.eval.enabled else ()
     data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer, prompts=prompts)
@@ -121,7 +124,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     evaluation = build_evaluation(cfg, data, out_dir)
     ckpt_dir = out_dir / "checkpoints"
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
-    checkpoints = RunCheckpoints(ckpt_dir, every)  # last.ckpt: a link to the newest, one write
+    checkpoints = RunCheckpoints(ckpt_dir, every, identity)  # last.ckpt: a link, one write
     guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val)]
     loggers = build_loggers(cfg, out_dir)
     damage = BaseDamageCallback(evaluation.batch)
@@ -129,6 +132,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     run_log = RunLog(cfg.trainer.log_every_n_steps,
                      out_dir / "csv" / "metrics.csv" if cfg.logger.csv else None,
                      lambda: evaluation.history)
+    run_log.warm_start = begin.warm  # a resume's checkpoint restores the run's own
     # after the evaluation and the record in each step, so a stop saves both
     stop = [StopAtStepEnd(signals, ckpt_dir)] if signals is not None else []
     trainer = L.Trainer(
@@ -148,7 +152,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
                  *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
-    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=data, ckpt_path=begin.resume)
     fit_seconds = run_log.fit_seconds  # every segment of a resumed run
 
     history = evaluation.history
@@ -161,7 +165,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
         eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
         losses=run_log.losses, resumed_at=run_log.resumed_at,
-        final_images=evaluation.final_images, data_check=data.data_check)
+        final_images=evaluation.final_images, data_check=data.data_check,
+        warm_start=run_log.warm_start)
     if trainer.is_global_zero:
         if cfg.export:
             branch.export(controlnet, out_dir / "controlnet")

@@ -63,7 +63,7 @@ def extended(tmp_path_factory):
 def test_resumes_with_a_larger_max_steps_keep_last_ckpt_the_newest_step(extended):
     _, run, _, summary = extended
     assert summary["resumed_at"] == [4, 8]  # the second resume started where the first ended
-    assert listing(run) == ["epoch=2-step=12.ckpt", "last.ckpt"]  # no last-v1.ckpt
+    assert listing(run) == ["last.ckpt", "step-000012.ckpt"]  # no last-v1.ckpt
     assert step_of(run / "checkpoints" / "last.ckpt") == 12
 
 
@@ -71,8 +71,8 @@ def test_each_save_writes_the_checkpoint_once_and_links_last_ckpt(extended):
     _, run, writes, _ = extended
     assert [s for s, _ in writes] == [1, 2, 3, 4]  # no last.ckpt
     # each through a temporary file beside it (cnexp.fileio.AtomicFile)
-    assert all(fnmatch(name, f".epoch=0-step={s}.ckpt.*.tmp") for s, name in writes), writes
-    last, periodic = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "epoch=2-step=12.ckpt"
+    assert all(fnmatch(name, f".step-{s:06d}.ckpt.*.tmp") for s, name in writes), writes
+    last, periodic = run / "checkpoints" / "last.ckpt", run / "checkpoints" / "step-000012.ckpt"
     assert os.path.samefile(last, periodic) and os.stat(last).st_nlink == 2
     assert not last.is_symlink()  # a copy of the run directory copies the bytes
 
@@ -83,7 +83,7 @@ def test_a_copied_run_directory_resumes_into_its_own_last_ckpt(extended, tmp_pat
     copy = shutil.copytree(run, tmp_path / "copy")
     summary = train_run(root, copy, "trainer.max_steps=15", "ckpt_path=last")  # saves at 15
     assert summary["resumed_at"] == [4, 8, 12]
-    assert listing(copy) == ["epoch=3-step=15.ckpt", "last.ckpt"]
+    assert listing(copy) == ["last.ckpt", "step-000015.ckpt"]
     assert step_of(copy / "checkpoints" / "last.ckpt") == 15
     assert {p.name: (p.stat().st_ino, step_of(p))
             for p in (run / "checkpoints").iterdir()} == before  # the original untouched
@@ -97,14 +97,14 @@ def test_a_truncated_last_ckpt_falls_back_to_the_newest_intact_checkpoint(extend
     whole = last.read_bytes()
     last.unlink()  # a new file: the periodic checkpoint (its hard link until now) stays whole
     last.write_bytes(whole[:len(whole) // 2])
-    periodic = copy / "checkpoints" / "epoch=2-step=12.ckpt"
+    periodic = copy / "checkpoints" / "step-000012.ckpt"
     for wanted in ("last", "auto"):
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="cnexp"):
             assert resume_path(wanted, copy) == str(periodic)
         said = caplog.text
         assert f"{last}: it is not a readable checkpoint" in said
-        assert "resuming from epoch=2-step=12.ckpt (step 12), the newest intact" in said
+        assert "resuming from step-000012.ckpt (step 12), the newest intact" in said
     summary = train_run(root, copy, "trainer.max_steps=13", "ckpt_path=auto")
     assert summary["resumed_at"] == [4, 8, 12] and step_of(last) == 13
 

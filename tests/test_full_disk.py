@@ -75,10 +75,10 @@ def test_with_last_ckpt_linked_a_failed_save_leaves_it_whole(tmp_path, monkeypat
 
     ckpt_dir = tmp_path / "checkpoints"
     fill_disk_from_step(monkeypatch, 3)
-    with pytest.raises(CheckpointError, match=r"step=3\.ckpt: disk full"):
+    with pytest.raises(CheckpointError, match=r"step-000003\.ckpt: disk full"):
         _fit(RunCheckpoints(ckpt_dir, every=1))
     monkeypatch.undo()
-    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in ckpt_dir.iterdir()) == ["last.ckpt", "step-000002.ckpt"]
     assert torch.load(ckpt_dir / "last.ckpt", weights_only=False)["global_step"] == 2
 
 

@@ -38,7 +38,7 @@ def start(out, data, *extra, cache=None, log=None):
 def start_until(out, data, step, *extra, log=None):
     """A run started and trained past the checkpoint of `step`."""
     proc = start(out, data, *extra, log=log)
-    wait_for(proc, lambda: list((out / "checkpoints").glob(f"*step={step}.ckpt")),
+    wait_for(proc, lambda: list((out / "checkpoints").glob(f"step-{step:06d}.ckpt")),
              f"step {step}")
     return proc
 
