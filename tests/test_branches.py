@@ -65,7 +65,7 @@ class PooledBranch(ResidualBranch):
 def pooled():
     register(PooledBranch)
     yield BRANCHES["pooled"]
-    del BRANCHES["pooled"]  # the other tests see the built-in branches only
+    BRANCHES.unregister("pooled")  # the other tests see the built-in branches only
 
 
 def test_a_registered_branch_builds_and_is_found_by_its_class(pooled, tiny_cfg, tiny_base):

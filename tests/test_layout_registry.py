@@ -11,7 +11,8 @@ from cnexp.config import DataConfig
 from cnexp.data.datamodule import TriplesDataModule, open_sources
 from cnexp.data.images import DataError
 from cnexp.data.layout import LAYOUTS, get_layout
-from cnexp.knobs import DATA_PACKAGE, Layout, declared_in
+from cnexp.knobs import DATA_PACKAGE, Layout
+from cnexp.registry import declared
 
 # a layout whose triples live in memory: image i is one colour, its condition the inverse colour
 TOY = '''
@@ -54,7 +55,7 @@ class MemoryLayout(DataLayout):
 
 
 def test_the_choices_are_the_layouts_the_modules_declare_and_each_is_registered_there():
-    declared = declared_in(DATA_PACKAGE)
+    declared = LAYOUTS.declared()
     assert [c.value for c in Layout] == ["fill50k", "hf", "captions"]  # the docs' order
     assert set(declared) == set(Layout)
     for name, module in declared.items():
@@ -83,7 +84,7 @@ def test_a_misspelt_layout_fails_listing_the_choices(tmp_path):
 def test_a_layout_module_dropped_into_a_package_registers_and_feeds_the_datamodule(
         tmp_path, toy_package):
     package = toy_package("toy_layouts", TOY)
-    assert declared_in(package) == {"toy_memory": "toy"}  # what knobs.py makes the choices
+    assert declared(package) == {"toy_memory": "toy"}  # what knobs.py makes the choices
     with pytest.raises(DataError, match="'toy_memory' is unknown"):
         get_layout("toy_memory")
     try:
@@ -109,4 +110,4 @@ def test_a_layout_module_dropped_into_a_package_registers_and_feeds_the_datamodu
         with pytest.raises(DataError, match="use one of fill50k, hf, captions, toy_memory"):
             get_layout("toy_memry")
     finally:
-        LAYOUTS.pop("toy_memory", None)  # the other tests see the built-in layouts only
+        LAYOUTS.unregister("toy_memory")  # the other tests see the built-in layouts only

@@ -12,7 +12,8 @@ from cnexp.analysis.compare import compare
 from cnexp.analysis.report import heading
 from cnexp.analysis.runs import OK, read_run
 from cnexp.errors import ConfigError
-from cnexp.knobs import METRICS_PACKAGE, MetricName, declared_in
+from cnexp.knobs import MetricName
+from cnexp.registry import declared
 from cnexp.metrics.fidelity import FIDELITY
 from cnexp.metrics.registry import METRICS, described, get_metric, metric_names, selected_metrics
 from conftest import TINY, compose_cfg
@@ -57,7 +58,7 @@ RUN = ["data.train_size=16", "data.val_size=4", "data.test_size=4", "data.batch_
 
 
 def test_the_choices_are_the_declared_metrics_and_compare_reads_their_directions():
-    declared = declared_in(METRICS_PACKAGE)
+    declared = METRICS.declared()
     assert [m.value for m in MetricName] == list(declared) == metric_names()
     assert {"clip_score", "fid"} <= set(declared)
     for name, stem in declared.items():
@@ -77,7 +78,7 @@ def test_a_misspelt_metric_fails_at_composition_listing_the_choices():
         compose_cfg(["eval.metrics=[clip_scor]"])
     message = f"{err.value}\n{err.value.__cause__}"
     assert "Invalid value 'clip_scor', expected one of [clip_score, fid" in message, message
-    with pytest.raises(ConfigError, match=r"clip_scor, which is unknown: use some of \['clip"):
+    with pytest.raises(ConfigError, match=r"eval.metrics='clip_scor' is unknown: use one of clip_score, fid"):
         get_metric("clip_scor")
 
 
@@ -104,7 +105,7 @@ def test_a_metric_module_dropped_in_registers_runs_in_training_and_reaches_compa
     from cnexp.train import train
 
     package = toy_package("toy_metrics", TOY)
-    assert declared_in(package) == {"toy_brightness": "toy"}  # what knobs.py makes the choices
+    assert declared(package) == {"toy_brightness": "toy"}  # what knobs.py makes the choices
     try:
         importlib.import_module("toy_metrics.toy")
         assert "toy_brightness" in metric_names()
@@ -124,6 +125,6 @@ def test_a_metric_module_dropped_in_registers_runs_in_training_and_reaches_compa
         report = (tmp_path / "compare" / "report.md").read_text()
         assert "## toy_brightness: mean brightness (lower is better)" in report
     finally:
-        METRICS.pop("toy_brightness", None)  # the other tests see the built-in metrics only
-    with pytest.raises(ConfigError, match="toy_brightness, which is unknown"):
+        METRICS.unregister("toy_brightness")  # the other tests see the built-in metrics only
+    with pytest.raises(ConfigError, match="eval.metrics='toy_brightness' is unknown"):
         get_metric("toy_brightness")

@@ -2,8 +2,8 @@
 
   control.branch    one module per branch, each a `Branch` (branch.py) that registers itself:
                     copy, scratch (trainable_copy.py), lite (lite.py), xs (xs.py),
-                    lora_copy (lora_copy.py), t2i_adapter (t2i_adapter.py); every module of
-                    this package is imported below, so a new branch is one new module
+                    lora_copy (lora_copy.py), t2i_adapter (t2i_adapter.py); a new branch is
+                    one new module (cnexp/registry.py)
   connector_init    how the branch's connectors start                    (connectors.py)
   connector         conv (the connectors' output enters as it is) | cross_norm (normalised
                     with the frozen UNet's statistics, a learned scale)  (cross_norm.py)
@@ -11,9 +11,6 @@
   only_mid_control  the skip-connection connectors stay zero: only the mid residual is added
 """
 from __future__ import annotations
-
-import importlib
-import pkgutil
 
 from diffusers import ModelMixin, UNet2DConditionModel
 from torch import nn
@@ -23,16 +20,6 @@ from cnexp.control.branch import BRANCHES, Branch, branch_of, get_branch  # noqa
 from cnexp.control.connectors import init_connectors, silence_down_connectors
 from cnexp.errors import ConfigError
 
-
-def import_modules(package: str, path) -> list[str]:
-    """Import every module of `package` (found on `path`): the branches in them register."""
-    names = [info.name for info in pkgutil.iter_modules(path)]
-    for name in names:
-        importlib.import_module(f"{package}.{name}")
-    return names
-
-
-import_modules(__name__, __path__)
 
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")  # authors: output_blocks + out
 

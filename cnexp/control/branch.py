@@ -1,8 +1,8 @@
 """The control-branch interface, and the registry that picks a branch by `control.branch`.
 
 A branch is one module in cnexp/control/ holding one `Branch` subclass, decorated `@register`
-(cnexp/control/__init__.py imports every module of the package, so dropping the module in is
-enough; cnexp/knobs.py reads the same names for the `Branch` choices):
+(cnexp/registry.py: dropping the module in is enough; cnexp/knobs.py reads its names for the
+`Branch` choices, and a lookup imports just the module that declares the name):
 it says how the trainable network is built from the frozen UNet, which of its convs are the
 connectors (what `control.connector_init` initialises), how the controlled model predicts, how
 diffusers samples it, and how it is exported and loaded. Everything else (connector init, the
@@ -19,6 +19,8 @@ from torch import nn
 
 from cnexp.config import ControlConfig
 from cnexp.errors import ConfigError
+from cnexp.knobs import CONTROL_PACKAGE
+from cnexp.registry import Registry
 
 
 class Branch:
@@ -67,7 +69,7 @@ class Branch:
         """control.connector=cross_norm: the network whose features enter the UNet normalised
         with the statistics of the UNet features they are added to, times learned scales
         (cnexp/control/cross_norm.py); none by default."""
-        able = [name for name, b in BRANCHES.items()
+        able = [name for name, b in BRANCHES.load_all().items()
                 if type(b).wrap_cross_norm is not Branch.wrap_cross_norm]
         raise ConfigError(f"control.connector=cross_norm does not apply to control.branch="
                           f"{self.name}: the branch does not say where its features enter the "
@@ -98,31 +100,21 @@ class Branch:
         return self.model_class.from_pretrained(directory)
 
 
-BRANCHES: dict[str, Branch] = {}  # filled as cnexp/control/__init__.py imports every module
-
-
-def register(cls: type[Branch]) -> type[Branch]:
-    """Class decorator: make `cls` selectable as control.branch=<cls.name>."""
-    BRANCHES[cls.name] = cls()
-    return cls
+BRANCHES: Registry[Branch] = Registry("control branch", "control.branch", "cnexp.control",
+                                     CONTROL_PACKAGE, ConfigError)
+register = BRANCHES.register
 
 
 def get_branch(name: str) -> Branch:
-    import cnexp.control  # noqa: F401 - imports the built-in branches, which register
-
-    if str(name) not in BRANCHES:
-        raise ConfigError(f"control.branch={name!s} is unknown: use one of {sorted(BRANCHES)} "
-                          "(python run.py control.branch=...)")
-    return BRANCHES[str(name)]
+    """The branch called `name`, importing just the module that declares it."""
+    return BRANCHES.get(name)
 
 
 def branch_of(control: nn.Module) -> Branch:
     """The branch that builds networks of `control`'s class (branches sharing a class, such as
     copy and scratch, differ only in how they build)."""
-    import cnexp.control  # noqa: F401
-
     network = getattr(control, "network", None) or control  # cross_norm's wrapper holds it
-    owners = [branch for branch in BRANCHES.values() if branch.owns(network)]
+    owners = [branch for branch in BRANCHES.load_all().values() if branch.owns(network)]
     if owners:  # a branch that says more than its class (lora_copy) before the class's first
         return sorted(owners, key=lambda b: type(b).owns is Branch.owns)[0]
     raise TypeError(f"{type(control).__name__} is no registered branch's network "

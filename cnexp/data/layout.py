@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, ClassVar
 
 from cnexp.data.images import DataError
-from cnexp.knobs import DATA_PACKAGE, Layout, import_declaring
+from cnexp.knobs import DATA_PACKAGE, LAYOUT_ORDER
+from cnexp.registry import Registry
 
 if TYPE_CHECKING:
     from cnexp.config import DataConfig
@@ -39,28 +40,12 @@ class DataLayout:
         (runs before open_sources)."""
 
 
-LAYOUTS: dict[str, DataLayout] = {}  # filled as each layout's module is imported
-
-
-def register(cls: type[DataLayout]) -> type[DataLayout]:
-    """Class decorator: make `cls` selectable as data.layout=<cls.name>."""
-    LAYOUTS[cls.name] = cls()
-    return cls
+LAYOUTS: Registry[DataLayout] = Registry("data layout", "data.layout", "cnexp.data", DATA_PACKAGE,
+                                        DataError, order=LAYOUT_ORDER)
+register = LAYOUTS.register
 
 
 def get_layout(name: str) -> DataLayout:
     """The layout registered as `name`: a built-in one's module (the one that declares it) is
     imported here, on first use; an unknown name is one DataError listing the choices."""
-    name = str(name)
-    if name not in LAYOUTS:
-        import_declaring(DATA_PACKAGE, __package__, name)
-    if name not in LAYOUTS:
-        raise DataError(f"data.layout='{name}' is unknown: use one of {', '.join(choices())}")
-    return LAYOUTS[name]
-
-
-def choices() -> list[str]:
-    """data.layout's choices (cnexp/knobs.py's order), then any layout registered from outside
-    cnexp/data/ (a test's)."""
-    declared = [c.value for c in Layout]
-    return declared + [n for n in LAYOUTS if n not in declared]
+    return LAYOUTS.get(name)

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Optional
 
 from cnexp.errors import ConfigError
-from cnexp.knobs import METRICS_PACKAGE, declared_in, import_declaring
+from cnexp.knobs import METRICS_PACKAGE
+from cnexp.registry import Registry
 
 if TYPE_CHECKING:
     import torch
@@ -95,33 +96,26 @@ class SampleMetric:
         return {self.name: value}
 
 
-METRICS: dict[str, type[SampleMetric]] = {}  # filled as the declaring modules are imported
-
-
-def register(cls: type[SampleMetric]) -> type[SampleMetric]:
-    """Class decorator: make `cls` selectable as eval.metrics=[<cls.name>]."""
+def _check_needs(cls: type[SampleMetric]) -> None:
     unknown = set(cls.needs) - set(NEEDS)
     if unknown:
         raise TypeError(f"{cls.__name__}.needs has {sorted(unknown)}: use some of {list(NEEDS)}")
-    METRICS[cls.name] = cls
-    return cls
+
+
+METRICS: Registry[type[SampleMetric]] = Registry(
+    "sample metric", "eval.metrics", "cnexp.metrics", METRICS_PACKAGE, ConfigError,
+    instances=False, check=_check_needs)
+register = METRICS.register
 
 
 def metric_names() -> list[str]:
     """Every metric: those declared in cnexp/metrics/, then any registered from elsewhere."""
-    declared = list(declared_in(METRICS_PACKAGE))
-    return declared + [name for name in METRICS if name not in declared]
+    return METRICS.names()
 
 
 def get_metric(name: str) -> type[SampleMetric]:
     """The metric class called `name`, importing just the module that declares it."""
-    name = str(name)
-    if name not in METRICS:
-        import_declaring(METRICS_PACKAGE, __package__, name)
-    if name not in METRICS:
-        raise ConfigError(f"eval.metrics names {name}, which is unknown: use some of "
-                          f"{metric_names()} (python run.py 'eval.metrics=[...]')")
-    return METRICS[name]
+    return METRICS.get(name)
 
 
 def selected_metrics(cfg) -> list[SampleMetric]:
