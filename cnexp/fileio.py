@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 from filelock import FileLock
 
@@ -137,3 +137,27 @@ def exclusive(path: str | Path, what: str = "") -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+def write_small(path: str | Path, text: str) -> Optional[str]:
+    """Write a small bookkeeping file (status.json, error.txt) that a full disk must not stop:
+    atomically when there is room, else in place over the blocks the file already holds. Returns
+    None when written, else why not (the caller says it on stderr)."""
+    payload = text.encode()
+    try:
+        atomic_write(path, payload)
+        return None
+    except OSError as err:
+        why = str(err)
+    try:
+        # in place only within what the file already has on disk: no new block to allocate
+        if os.stat(path).st_blocks * 512 < len(payload):
+            return why
+        with open(path, "r+b") as f:
+            f.write(payload)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+        return None
+    except OSError:
+        return why

@@ -126,32 +126,6 @@ def as_storage_error(err: BaseException, where: str | Path) -> BaseException:
     return new
 
 
-def write_small(path: str | Path, text: str) -> Optional[str]:
-    """Write a small bookkeeping file (status.json, error.txt) that a full disk must not stop:
-    atomically when there is room, else in place over the blocks the file already holds. Returns
-    None when written, else why not (the caller says it on stderr)."""
-    from cnexp.fileio import atomic_write  # fileio uses this module
-
-    payload = text.encode()
-    try:
-        atomic_write(path, payload)
-        return None
-    except OSError as err:
-        why = str(err)
-    try:
-        # in place only within what the file already has on disk: no new block to allocate
-        if os.stat(path).st_blocks * 512 < len(payload):
-            return why
-        with open(path, "r+b") as f:
-            f.write(payload)
-            f.truncate()
-            f.flush()
-            os.fsync(f.fileno())
-        return None
-    except OSError:
-        return why
-
-
 class SpaceReserve:
     """A few blocks held in the run directory while the run lives (`hold`), given up (`release`)
     when a write fails, so that the failure can still be written down on a full disk."""

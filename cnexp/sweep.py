@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnexp.overrides import job_stem, knob_diff, knobs_suffix, swept_keys
 from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, read_status
-from cnexp.storage import write_small
+from cnexp.fileio import write_small
 
 log = logging.getLogger("cnexp")
 

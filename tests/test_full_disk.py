@@ -128,7 +128,8 @@ def _fill(disk: Path) -> None:
 def test_on_a_real_full_disk_checkpoints_fail_cleanly_and_the_record_is_still_written(
         small_disk):
     from cnexp.fileio import atomic_write
-    from cnexp.storage import SpaceReserve, write_small
+    from cnexp.fileio import write_small
+    from cnexp.storage import SpaceReserve
 
     big = {"w": torch.zeros(1 << 20)}  # 4 MiB
     with open(small_disk / "raw", "wb") as f, pytest.raises(RuntimeError, match="unexpected pos"
