@@ -1,7 +1,9 @@
 """cnexp entry point: `python run.py [+ablation=NAME] [key=value ...]` (see conf/train.yaml).
 
 Every job records its outcome in its directory (status.json, and error.txt if it failed); in a
-multirun a failing job does not stop the others (cnexp/sweep.py). Exit codes: 0 finished,
+multirun a failing job does not stop the others (cnexp/sweep.py). A start refused before it
+changed anything (a resume of a finished run whose checkpoints are unreadable) leaves that run's
+status.json as it was: the run is still finished. Exit codes: 0 finished,
 1 crashed (traceback), 2 a user error (one message), 143 pre-empted and 130 interrupted
 (last.ckpt saved: `ckpt_path=last` resumes; cnexp/signals.py).
 """
@@ -20,8 +22,8 @@ from cnexp.record import finished_run
 from cnexp.rundir import wanted_resume
 from cnexp.signals import RunStopped, StopSignals
 from cnexp.storage import SpaceReserve, StorageError, as_storage_error
-from cnexp.sweep import (in_multirun, is_rank_zero, machine_info, record_failure, split_threads,
-                         write_status)
+from cnexp.sweep import (in_multirun, is_rank_zero, keep_finished_status, machine_info,
+                         record_failure, split_threads, write_status)
 
 register_configs()
 log = logging.getLogger("cnexp")
@@ -34,12 +36,14 @@ def main(cfg: DictConfig) -> None:
     split_threads()
     started = time.time()
     reserve = SpaceReserve(out_dir)  # room for status.json and error.txt on a disk that fills
+    finished = None  # status.json of a finished run this start resumes
     try:
         from cnexp.train import train  # heavy imports after Hydra has parsed the command line
 
         if wanted_resume(cfg.ckpt_path) == "auto" and finished_run(out_dir):  # requeued, done
             log.info("%s already finished (ckpt_path=auto): nothing to do", out_dir)
             return
+        finished = keep_finished_status(out_dir)  # put back if this start is refused
         write_status(out_dir, "running")
         if is_rank_zero():
             reserve.hold()
@@ -58,7 +62,8 @@ def main(cfg: DictConfig) -> None:
         err = as_storage_error(err, out_dir)
         if isinstance(err, StorageError):  # the run's log file is on that disk too: no
             logging.raiseExceptions = False  # "--- Logging error ---" traceback per line
-        record_failure(out_dir, err)
+        # in "setup" no step ran and no record was written: a finished run is still finished
+        record_failure(out_dir, err, keep=finished if signals.phase == "setup" else None)
         user_error = isinstance(err, CnexpError)  # a user-fixable problem: the message suffices
         if in_multirun():  # the other jobs go on; the sweep summary lists this one
             log.error("job failed: %s (details: %s)", err, out_dir / "error.txt",

@@ -11,6 +11,10 @@ cnexp.cadence), before each checkpoint is written, and when training ends:
   log_every_n_steps - 1 steps later). No checkpoint is written after a bad step.
 - skip: each bad step alone is dropped and counted on the device; the count and a warning come at
   the next reading (train/skipped_steps is logged then).
+When training ends (at its last step, before that step's checkpoint and the final evaluation, and
+again at train end) a run that learned nothing fails with NonFiniteError, so it is neither
+exported nor recorded as finished: every step skipped, or a trainable weight that is NaN/inf (a
+finite step with a huge learning rate gets there without a non-finite gradient).
 An optimizer without `found_inf` (optim.fused=false, optim.eight_bit) cannot drop a step on the
 device: with it the guard reads the flag every step (one host sync) and drops a bad step by
 clearing its gradients, as it always did.
@@ -142,12 +146,38 @@ class NonFiniteGuard(L.Callback):
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if host_reads_at(trainer, trainer.global_step):
             self._read(trainer, module, can_log=True)
+        if trainer.global_step >= trainer.max_steps > 0:  # the last step: before its checkpoint
+            self.check_learned(trainer, module)
 
     def on_save_checkpoint(self, trainer, module, checkpoint) -> None:
         self._read(trainer, module)  # a checkpoint never follows an unnoticed bad step
 
     def on_train_end(self, trainer, module) -> None:
         self._read(trainer, module)
+        self.check_learned(trainer, module)  # also ends that came without a last step
+
+    def check_learned(self, trainer, module) -> None:
+        """NonFiniteError when the run learned nothing: every step skipped (over the whole run,
+        resumed segments included), or a trainable weight that is not finite. Reads the device
+        once; called only at the end of training."""
+        steps = trainer.global_step
+        if self.action == "skip" and steps > 0 and self.skipped >= steps:
+            raise NonFiniteError(
+                f"all {steps} training steps were skipped (trainer.on_nonfinite=skip: a non-finite "
+                "loss or gradient in each), so the run learned nothing and nothing is exported. "
+                "Lower optim.lr, check the data, or run with trainer.on_nonfinite=stop to stop at "
+                "the first such step")
+        named = [(name, p) for name, p in module.named_parameters() if p.requires_grad]
+        if not named:
+            return
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        if bool(finite.all()):  # the host sync, once per run
+            return
+        bad = [named[i][0] for i in (~finite).nonzero().flatten().tolist()]
+        more = f" and {len(bad) - 1} more" if len(bad) > 1 else ""
+        raise NonFiniteError(
+            f"after step {steps} the trained weights hold NaN/inf values ({bad[0]}{more}), so "
+            "nothing is exported. Lower optim.lr and check the data")
 
     def _read(self, trainer, module, can_log: bool = False) -> None:
         if self.action == "stop":

@@ -5,7 +5,8 @@ no ETA. This bar follows trainer.global_step over trainer.max_steps across epoch
 resumed step when a run resumes, and leaves evaluation out of its clock: evaluation runs inside
 training hooks (step 0, every eval.every_n_steps, the end), so counted in, it would stall the rate
 and swing the ETA after every evaluation. The clock (elapsed, steps/s, ETA) therefore counts
-training only; the postfix shows the evaluation seconds so far, so wall time = elapsed + eval.
+training only; the postfix shows this process's evaluation seconds (a resumed run's earlier
+segments left out, as they are from `elapsed`), so this process's wall time = elapsed + eval.
 The ETA does not include evaluations still to come. The counts and the clock move every step;
 the loss is read from the device only every trainer.log_every_n_steps steps (cnexp.cadence), so
 the bar never makes the host wait for the device in the other steps.
@@ -37,6 +38,7 @@ class StepProgressBar(TQDMProgressBar):
         self.excluded_seconds = excluded_seconds
         self.plain = plain
         self._excluded_seen = 0.0
+        self._excluded_carried = 0.0  # a resumed run's earlier segments' (from its checkpoint)
 
     def init_train_tqdm(self) -> Tqdm:
         # a resumed run restores global_step before on_train_start: the bar starts there, and
@@ -52,6 +54,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer, module) -> None:
         self.train_progress_bar = self.init_train_tqdm()
         self._excluded_seen = self.excluded_seconds() if self.excluded_seconds else 0.0
+        # a fresh run evaluated step 0 just now, in this process; a resumed run evaluates nothing
+        # before its first step, so what it holds now came with its checkpoint
+        self._excluded_carried = self._excluded_seen if trainer.global_step > 0 else 0.0
 
     def on_train_epoch_start(self, trainer, *_) -> None:
         pass  # one bar for the whole run: the parent would reset it every epoch
@@ -85,8 +90,9 @@ class StepProgressBar(TQDMProgressBar):
         if LOSS not in shown and loss is not None:
             shown[LOSS] = float(loss)
         metrics = {k.rsplit("/", 1)[-1]: v for k, v in shown.items() if k != "v_num"}
-        if self._excluded_seen > 0:  # nothing to say while evaluation is off
-            metrics["eval"] = f"{self._excluded_seen:.0f}s"
+        evaluated = self._excluded_seen - self._excluded_carried  # by this process, as elapsed
+        if evaluated > 0:  # nothing to say while evaluation is off
+            metrics["eval"] = f"{evaluated:.0f}s"
         return metrics
 
     def _exclude(self, bar: Tqdm) -> None:

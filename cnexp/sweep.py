@@ -3,6 +3,9 @@ W&B names and tags, and a summary of failed jobs when a multirun ends.
 
 A job directory ends with `status.json` (cnexp.record.STATUSES: running, ok, failed, preempted,
 interrupted) and, for a failed job, `error.txt` (the traceback). `cnexp.analysis.compare` reads both.
+An attempt that goes on after a failure (a resume) moves that error.txt to
+`history/error-<time it was written>.txt`, so error.txt only ever sits beside status failed;
+compare and evaluate read neither history/ nor its files.
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.overrides import job_stem, knob_diff, knobs_suffix, swept_keys
-from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, read_status
+from cnexp.record import ERROR_FILE, STATUS_FILE, STATUSES, finished_run, read_status
 from cnexp.fileio import write_small
 
 log = logging.getLogger("cnexp")
 
 WANDB_TAG_MAX = 64  # W&B rejects longer tags
+HISTORY_DIR = "history"  # earlier attempts' error.txt (archive_error)
 
 
 def _hydra() -> Optional[DictConfig]:
@@ -48,6 +52,8 @@ def write_status(out_dir: Path, status: str, **fields: Any) -> None:
     assert status in STATUSES, status
     if not is_rank_zero():
         return
+    if status != "failed":  # a new attempt: an earlier one's traceback is history, not its state
+        archive_error(Path(out_dir))
     record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
               "epoch": round(time.time(), 1), "host": socket.gethostname(), "pid": os.getpid(),
               **fields}
@@ -55,6 +61,46 @@ def write_status(out_dir: Path, status: str, **fields: Any) -> None:
     why = write_small(Path(out_dir) / STATUS_FILE, json.dumps(record, indent=1) + "\n")
     if why:  # bookkeeping must not turn a finished run into a failed one
         log.warning("could not write %s: %s", Path(out_dir) / STATUS_FILE, why)
+
+
+def archive_error(out_dir: Path) -> Optional[Path]:
+    """Move an earlier attempt's error.txt to history/error-<time it was written>.txt; returns
+    where it went (None: there was none, or it could not be moved, which is said)."""
+    error = out_dir / ERROR_FILE
+    try:
+        written = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(error.stat().st_mtime))
+    except FileNotFoundError:
+        return None
+    target = out_dir / HISTORY_DIR / f"error-{written}.txt"
+    count = 1
+    while target.exists():  # two failures in one second
+        count += 1
+        target = target.with_name(f"error-{written}-{count}.txt")
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(error, target)
+    except OSError as err:  # e.g. a full disk: the new status still gets written
+        log.warning("could not move %s to %s: %s", error, target, err)
+        return None
+    return target
+
+
+def keep_finished_status(out_dir: Path) -> Optional[str]:
+    """status.json's text when `out_dir` holds a finished run (status ok, readable metrics.json),
+    for `restore_status` to put back when this start is refused before it changed anything."""
+    if not is_rank_zero() or not finished_run(out_dir):
+        return None
+    try:
+        return (Path(out_dir) / STATUS_FILE).read_text()
+    except OSError:
+        return None
+
+
+def restore_status(out_dir: Path, text: str) -> None:
+    """Put a finished run's status.json back byte for byte (see keep_finished_status)."""
+    why = write_small(Path(out_dir) / STATUS_FILE, text)
+    if why:
+        log.warning("could not restore %s: %s", Path(out_dir) / STATUS_FILE, why)
 
 
 def machine_info() -> dict[str, Any]:
@@ -66,10 +112,14 @@ def machine_info() -> dict[str, Any]:
     return {"cpus": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
-def record_failure(out_dir: Path, err: BaseException) -> None:
+def record_failure(out_dir: Path, err: BaseException, keep: Optional[str] = None) -> None:
     """error.txt (traceback) + status.json; closes a W&B run the job left open so the next job
-    of the same process does not log into it."""
-    if is_rank_zero():
+    of the same process does not log into it. keep: a finished run's status.json text
+    (keep_finished_status) that a start refused before it changed anything puts back instead:
+    that run stays finished, and the log has the refusal."""
+    if keep is not None:
+        restore_status(out_dir, keep)
+    elif is_rank_zero():
         why = write_small(out_dir / ERROR_FILE, "".join(traceback.format_exception(err)))
         if why:  # e.g. the disk is full: the log (stderr) still has the error
             log.warning("could not write %s: %s", out_dir / ERROR_FILE, why)

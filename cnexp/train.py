@@ -190,8 +190,10 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
 
 def report(out_dir: Path, summary: dict, loggers: list) -> None:
     s0, s1 = summary["step0"], summary["final"]
+    # fit and evaluation time alike cover the whole run: a resume adds its checkpoint's figures
+    whole = " over all its segments" if summary["resumed_at"] else ""
     lines = [
-        f"cnexp run finished: {summary['steps']} steps in {summary['fit_seconds']}s "
+        f"cnexp run finished: {summary['steps']} steps in {summary['fit_seconds']}s{whole} "
         f"(evaluation {summary['eval_share']:.0%} of it)",
         "  perfect prompt    " + "   ".join(  # headline metrics (eval/<metric>)
             f"{k[5:]} {s0[k]:.3f} -> {s1[k]:.3f}" for k in s1
