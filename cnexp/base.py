@@ -1,17 +1,21 @@
-"""Load the frozen text-to-image base (a diffusers bundle) from a hub id or a directory."""
+"""The frozen text-to-image base: its bundle, loading it by its family (cnexp/families/), and
+whether the hub can be reached."""
 from __future__ import annotations
 
 import logging
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from urllib.parse import urlsplit
 
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import CLIPTextModel, CLIPTokenizer
+from typing import TYPE_CHECKING
 
-from cnexp.config import BaseConfig
 from cnexp.errors import CnexpError
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    from cnexp.config import BaseConfig
 
 log = logging.getLogger("cnexp")
 
@@ -22,13 +26,15 @@ class BaseModelUnavailable(CnexpError):
 
 @dataclass
 class BaseBundle:
-    """The frozen parts of a Stable Diffusion-style pipeline, plus its training noise schedule."""
+    """The frozen parts of a Stable Diffusion-style pipeline, plus its training noise schedule;
+    `family` (cnexp/families/) says how they are used."""
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
     unet: UNet2DConditionModel
     noise_scheduler: DDPMScheduler
     source: str
+    family: str = "sd"
 
     @property
     def prediction_type(self) -> str:
@@ -39,7 +45,7 @@ class BaseBundle:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
 
-def _unavailable(source: str, why: str) -> BaseModelUnavailable:
+def unavailable(source: str, why: str) -> BaseModelUnavailable:
     return BaseModelUnavailable(
         f"Cannot load the base model '{source}': {why}\n"
         "  - online: check the hub id (and accept its licence / log in if it is gated);\n"
@@ -49,33 +55,11 @@ def _unavailable(source: str, why: str) -> BaseModelUnavailable:
 
 
 def load_base(cfg: BaseConfig) -> BaseBundle:
-    """Load and freeze the base: no gradients, eval mode. Fails with one clear message."""
-    source = cfg.pretrained
-    local = Path(source).expanduser()
-    if local.is_dir():
-        if not (local / "model_index.json").exists():
-            raise _unavailable(source, "the directory has no model_index.json, so it is not a "
-                               "diffusers pipeline bundle")
-        source = str(local)
-    elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
-        raise _unavailable(source, "no such directory, and it is not a hub id of the form owner/name")
-    kwargs = {"revision": cfg.revision,
-              "local_files_only": local.is_dir() or use_local_cache(source, cfg.revision)}
-    try:
-        unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", variant=cfg.variant,
-                                                    **kwargs)
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant, **kwargs)
-        text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **kwargs)
-        tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-        noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **kwargs)
-    except (OSError, ValueError) as err:  # hub unreachable, gated, missing files
-        hint = ("the hub is unreachable and it is not in the local cache"
-                if kwargs["local_files_only"] and not local.is_dir() else str(err).splitlines()[0])
-        raise _unavailable(cfg.pretrained, hint) from None
-    for model in (unet, vae, text_encoder):
-        model.requires_grad_(False)
-        model.eval()
-    return BaseBundle(vae, text_encoder, tokenizer, unet, noise_scheduler, source)
+    """Load and freeze the base as its family does (base.family; cnexp/families/): no
+    gradients, eval mode. Fails with one clear message."""
+    from cnexp.families.family import get_family
+
+    return get_family(getattr(cfg, "family", None)).load(cfg)
 
 
 HUB_TIMEOUT_S = 10  # one HEAD; a compute node with no route fails in milliseconds or here
@@ -90,7 +74,7 @@ def use_local_cache(repo_id: str, revision: str | None = None) -> bool:
     if reachable:
         return False
     if not in_hub_cache(repo_id, revision):
-        raise _unavailable(repo_id, "the hub is unreachable and it is not in the local cache "
+        raise unavailable(repo_id, "the hub is unreachable and it is not in the local cache "
                            f"({hub_cache_dir()}); the hub: {why}")
     log.info("the hub is unreachable (%s): loading %s from the local cache", why, repo_id)
     return True

@@ -18,7 +18,7 @@ from cnexp.data.workers import WHY as WORKERS_WHY, valid_setting as valid_worker
 from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
                          CacheStore, ConditionStyle, Duplicates, FrozenDtype,
                          AdapterType, Connector, ConnectorInit, Crop, Fidelity, InitScope,
-                         Layout, LoggerMode, MetricName,
+                         Family, Layout, LoggerMode, MetricName,
                          OnNonFinite, PromptSetting, Scheduler, in_range)
 
 
@@ -27,6 +27,7 @@ class BaseConfig:
     """The frozen text-to-image base: a diffusers bundle on the hub or on disk."""
     name: str = MISSING
     pretrained: str = MISSING  # hub id ("runwayml/stable-diffusion-v1-5") or a local directory
+    family: Family = Family.sd  # how it loads, trains and samples (cnexp/families/)
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" weights on the hub
     clip_model: Optional[str] = None  # CLIP-score model (hub id or directory)

@@ -10,12 +10,12 @@ the schema and applies them to the composed config.
 """
 from __future__ import annotations
 
-import ast
-import importlib
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, Union
+
+from cnexp.registry import declared
 
 
 class Choice(str, Enum):
@@ -29,48 +29,28 @@ class Choice(str, Enum):
 
 
 PACKAGE = Path(__file__).resolve().parent
-CONTROL_PACKAGE, DATA_PACKAGE, METRICS_PACKAGE = (PACKAGE / n for n in ("control", "data", "metrics"))
-
-
-def declared_in(directory: Path) -> dict[str, str]:
-    """name -> module stem, for the `name` of every `@register`-decorated class in the modules of
-    `directory`, read from their source: a registry's choices (branches, data layouts, metrics)
-    come from the modules themselves, without importing them (and diffusers, datasets, CLIP)
-    before Hydra composes; the stem lets a registry import just the module that declares a name."""
-    names = {}
-    for path in sorted(directory.glob("*.py")):
-        for node in ast.parse(path.read_text(), str(path)).body:
-            if isinstance(node, ast.ClassDef) and any(
-                    getattr(d, "id", getattr(d, "attr", None)) == "register"
-                    for d in node.decorator_list):
-                names.update({stmt.value.value: path.stem for stmt in node.body
-                              if isinstance(stmt, ast.Assign)
-                              and [getattr(t, "id", None) for t in stmt.targets] == ["name"]
-                              and isinstance(stmt.value, ast.Constant)})
-    return names
-
-
-def import_declaring(directory: Path, package: str, name: str) -> None:
-    """Import the module of `package` (whose folder is `directory`) that declares `name`, if one
-    does: a registry's lookup loads just that module (no `datasets` for a fill50k run)."""
-    stem = declared_in(directory).get(str(name))
-    if stem is not None:
-        importlib.import_module(f"{package}.{stem}")
+CONTROL_PACKAGE, DATA_PACKAGE, METRICS_PACKAGE, FAMILIES_PACKAGE = (
+    PACKAGE / n for n in ("control", "data", "metrics", "families"))
 
 
 def declared_branches(directory: Path = CONTROL_PACKAGE) -> list[str]:
-    """control.branch's choices. cnexp/control/__init__.py imports the same modules, so the
-    registry and these choices agree (tests/test_branch_registry.py)."""
-    return list(declared_in(directory))
+    """control.branch's choices: the names the branch modules register (cnexp/registry.py), so
+    the registry and these choices agree (tests/test_branch_registry.py)."""
+    return list(declared(directory, "cnexp.control" if directory == CONTROL_PACKAGE else None))
 
 
 # control.branch: the trainable network, one module per branch in cnexp/control/ (copy, scratch:
 # trainable_copy.py; lite; xs; lora_copy; t2i_adapter; see docs/ablations.md)
 Branch = Choice("Branch", {name: name for name in declared_branches()})
 
+# base.family: how the frozen base loads, encodes prompts, trains and samples, one module per
+# family in cnexp/families/ (sd: SD 1.5/2.1 and the tiny world)
+Family = Choice("Family", {name: name for name in declared(FAMILIES_PACKAGE, "cnexp.families")})
+
 # eval.metrics: the sample metrics of a full evaluation, one registered SampleMetric per name in
 # cnexp/metrics/ (clip_score: clip.py, fid: fid.py; cnexp/metrics/registry.py)
-MetricName = Choice("MetricName", {name: name for name in declared_in(METRICS_PACKAGE)})
+MetricName = Choice("MetricName",
+                    {name: name for name in declared(METRICS_PACKAGE, "cnexp.metrics")})
 
 
 class ConnectorInit(Choice):
@@ -105,7 +85,7 @@ class InitScope(Choice):
 # after them
 LAYOUT_ORDER = ("fill50k", "hf", "captions")
 Layout = Choice("Layout", {name: name for name in sorted(
-    declared_in(DATA_PACKAGE), key=lambda name: (LAYOUT_ORDER + (name,)).index(name))})
+    declared(DATA_PACKAGE, "cnexp.data"), key=lambda name: (LAYOUT_ORDER + (name,)).index(name))})
 
 
 class Crop(Choice):

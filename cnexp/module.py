@@ -12,6 +12,7 @@ from cnexp.config import OptimConfig
 from cnexp.control import Branch, branch_of
 from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.errors import CnexpError
+from cnexp.families.family import get_family
 
 FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
 DECODER_LR_RATIO = 0.2  # optim.decoder_lr unset: the authors' decoder rate 2e-6 at lr 1e-5
@@ -33,6 +34,7 @@ class ControlNetModule(L.LightningModule):
                  compiled: bool = False, branch: Branch | None = None):
         """`branch`: the one that built `controlnet` (default: found from its class)."""
         super().__init__()
+        self.base, self.family = base, get_family(base.family)  # what the base is, how it trains
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
         self.controlnet = controlnet
@@ -64,7 +66,7 @@ class ControlNetModule(L.LightningModule):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        for frozen in (self.unet, self.vae, self.text_encoder):
+        for frozen in self.family.frozen(self.base):
             frozen.eval()  # Lightning calls .train() on the whole module each epoch
         return self
 
@@ -80,9 +82,7 @@ class ControlNetModule(L.LightningModule):
 
     @torch.no_grad()
     def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
-        # the VAE may be stored in half precision (trainer.frozen_dtype), its input follows
-        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return torch.cat([dist.mean, dist.std], dim=1)  # (B, 2C, h, w)
+        return self.family.latent_moments(self.base, images)  # (B, 2C, h, w)
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator,
@@ -92,14 +92,11 @@ class ControlNetModule(L.LightningModule):
         moments = self.cache.moments(self._vae_moments, images, indices).float()
         mean, std = moments.chunk(2, dim=1)  # fp32 latents, whatever dtype the VAE is stored in
         noise = self.draw(torch.randn, mean.shape, generator, dtype=mean.dtype)
-        return (mean + std * noise) * self.vae.config.scaling_factor
+        return self.family.scale_latents(self.base, mean + std * noise)
 
     @torch.no_grad()
     def _text_encoder(self, prompts: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(prompts, padding="max_length", truncation=True,
-                             max_length=self.tokenizer.model_max_length,
-                             return_tensors="pt").input_ids.to(self.device)
-        return self.text_encoder(ids)[0]  # (B, T, D)
+        return self.family.encode_text(self.base, prompts, self.device)  # (B, T, D)
 
     def encode_prompts(self, prompts: list[str]) -> torch.Tensor:
         return self.cache.embeddings(self._text_encoder, prompts, self.device)
@@ -165,24 +162,20 @@ class ControlNetModule(L.LightningModule):
         return conditions * keep.to(conditions.dtype).view(-1, 1, 1, 1)
 
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
+        """The family's objective on one batch; every draw from `generator`, in this order."""
         indices = batch.get("index")
         if torch.is_tensor(indices):  # the data module hands a list (no device round trip);
             indices = indices.tolist()  # a batch built by hand may hold a host tensor
+        # images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f), f the VAE's factor
         latents = self.encode_images(batch["image"], generator, indices)
+        # text (B, T, D): the captions' encoder states, "" where prompt dropout drops one
         text = self.dropped_prompt_embeddings(list(batch["caption"]), generator)
-        noise = self.draw(torch.randn, latents.shape, generator)
-        steps = self.noise_scheduler.config.num_train_timesteps
-        t = self.draw(torch.randint, (latents.shape[0],), generator, args=(0, steps))
-        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        noise = self.draw(torch.randn, latents.shape, generator)  # (B, C, h, w)
+        t = self.family.timesteps(self.base, self.draw, latents.shape[0], generator)  # (B,)
+        noisy = self.family.noised(self.base, latents, noise, t)  # (B, C, h, w)
         condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
         pred = self.controlled_prediction(noisy, t, text, condition, training=True)
-        kind = self.noise_scheduler.config.prediction_type
-        if kind == "epsilon":
-            target = noise
-        elif kind == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, t)
-        else:
-            raise ValueError(f"unsupported prediction_type {kind!r} in the base's scheduler config")
+        target = self.family.target(self.base, latents, noise, t)  # (B, C, h, w)
         return F.mse_loss(pred.float(), target.float())
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:

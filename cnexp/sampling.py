@@ -25,10 +25,8 @@ def make_scheduler(module, cfg: SamplingConfig):
 
 def make_pipeline(module, cfg: SamplingConfig, progress: bool = True) -> DiffusionPipeline:
     """A pipeline that shares (does not copy) the module's frozen base and its control branch."""
-    pipe = module.branch.pipeline(
-        module.unet, module.controlnet, vae=module.vae, text_encoder=module.text_encoder,
-        tokenizer=module.tokenizer, scheduler=make_scheduler(module, cfg), safety_checker=None,
-        feature_extractor=None, requires_safety_checker=False)
+    parts = module.family.pipeline_parts(module.base, make_scheduler(module, cfg))
+    pipe = module.branch.pipeline(module.unet, module.controlnet, **parts)
     pipe.set_progress_bar_config(disable=not progress, desc="sampling", leave=False)
     pipe.cnexp_branch = module.branch  # generate() asks it how the pipeline takes the condition
     return pipe

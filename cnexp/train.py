@@ -20,6 +20,7 @@ from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.device import describe, resolve_device
 from cnexp.encode_cache import FrozenEncoderCache
+from cnexp.families.family import get_family
 from cnexp.encode_store import DiskEncoderCache, tokenizer_digest, weights_digest
 from cnexp.fileio import atomic_write
 from cnexp.metrics.callbacks import build_evaluation
@@ -107,11 +108,12 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
 
     base = load_base(cfg.base)
     branch = get_branch(cfg.control.branch)
-    controlnet = build_controlnet(base.unet, cfg.control)
+    family = get_family(base.family)
+    controlnet = build_controlnet(family.denoiser(base), cfg.control)
     apply_speed_options(cfg.trainer, base, controlnet)
     # the copy then starts from the base as stored, so step 0's copy drift is exactly 0
-    store_frozen((base.unet, base.vae, base.text_encoder, controlnet), frozen_dtype,
-                 copies=branch.copied_from_base(controlnet, base.unet))
+    store_frozen((*family.frozen(base), controlnet), frozen_dtype,
+                 copies=branch.copied_from_base(controlnet, family.denoiser(base)))
     cache = build_cache(cfg.cache, cfg.paths.cache, base)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile, branch=branch)
@@ -170,8 +172,8 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     if trainer.is_global_zero:
         if cfg.export:
             branch.export(controlnet, out_dir / "controlnet")
-            if not cfg.control.sd_locked:  # the decoder trained too: export the whole UNet
-                base.unet.save_pretrained(out_dir / "unet")
+            if not cfg.control.sd_locked:  # part of the base trained too
+                family.export_unlocked(base, out_dir)
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
         record.wall_seconds = round(time.perf_counter() - start, 1)
         write_metrics(out_dir, record)

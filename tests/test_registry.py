@@ -1,4 +1,5 @@
-"""One Registry class (cnexp/registry.py) behind the branches, data layouts and sample metrics:
+"""One Registry class (cnexp/registry.py) behind the branches, data layouts, sample metrics and
+base families:
 a module dropped into a package registers, even with a computed name; two modules registering
 one name are refused naming both; a lookup imports only the declaring module."""
 import sys
@@ -7,6 +8,7 @@ import pytest
 
 from cnexp.control.branch import BRANCHES
 from cnexp.data.layout import LAYOUTS
+from cnexp.families.family import FAMILIES
 from cnexp.metrics.registry import METRICS
 from cnexp.registry import DuplicateName, Registry, declared
 
@@ -36,6 +38,15 @@ from cnexp.metrics.registry import SampleMetric, register
 class ToyMetric(SampleMetric):
     name = "toy_{}".format("metric")
     needs = ("samples",)
+'''),
+    "family": (FAMILIES, '''
+from cnexp.families.family import register
+from cnexp.families.sd import StableDiffusionFamily
+
+
+@register
+class ToyFamily(StableDiffusionFamily):
+    name = "toy_" + "family"
 '''),
 }
 

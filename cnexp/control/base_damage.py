@@ -27,13 +27,12 @@ def base_damage(module, batch: dict, max_samples: int = 8, seed: int = 0) -> flo
     condition = batch["condition"][:n].to(device)
     latents = module.encode_images(images, generator)  # (n, C, h, w)
     noise = torch.randn(latents.shape, generator=generator, device=device)
-    steps = module.noise_scheduler.config.num_train_timesteps
-    t = torch.linspace(0, steps - 1, n, device=device).long()
-    noisy = module.noise_scheduler.add_noise(latents, noise, t)
+    t = module.family.spread_timesteps(module.base, n, device)
+    noisy = module.family.noised(module.base, latents, noise, t)
     text = module.encode_prompts(list(batch["caption"][:n]))
     with frozen_autocast(module):  # a half-precision base meets the fp32 branch
         controlled = module.controlled_prediction(noisy, t, text, condition)
-        base = module.unet(noisy, t, encoder_hidden_states=text).sample
+        base = module.family.predict(module.base, noisy, t, text)
     return torch.mean((controlled.float() - base.float()) ** 2).item()
 
 
