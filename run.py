@@ -20,6 +20,7 @@ from cnexp.config import register_configs
 from cnexp.errors import CnexpError
 from cnexp.record import finished_run
 from cnexp.rundir import wanted_resume
+from cnexp.schema import check_command_line
 from cnexp.signals import RunStopped, StopSignals
 from cnexp.storage import SpaceReserve, StorageError, as_storage_error
 from cnexp.sweep import (in_multirun, is_rank_zero, keep_finished_status, machine_info,
@@ -81,4 +82,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    check_command_line(sys.argv[1:])  # an unknown key: its nearest knob, before Hydra's "use +"
     main()

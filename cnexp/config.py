@@ -15,8 +15,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
 from cnexp.data.workers import WHY as WORKERS_WHY, valid_setting as valid_workers
-from cnexp.knobs import (LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED, Branch,
-                         CacheStore, ConditionStyle, Duplicates, FrozenDtype,
+from cnexp.knobs import (DEVICES, LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED,
+                         Branch, CacheStore, ConditionStyle, Duplicates, FrozenDtype,
                          AdapterType, Connector, ConnectorInit, Crop, Fidelity, InitScope,
                          Family, Layout, LoggerMode, MetricName,
                          OnNonFinite, PromptSetting, Scheduler, in_range)
@@ -31,14 +31,15 @@ class BaseConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" weights on the hub
     clip_model: Optional[str] = None  # CLIP-score model (hub id or directory)
-    resolution: int = 512  # its native size: data.resolution's default (conf/base/*.yaml)
+    # its native size: data.resolution's default (conf/base/*.yaml)
+    resolution: int = field(default=512, metadata=POSITIVE)
 
 
 @dataclass
 class ControlConfig:
     """The trainable control network and how it joins the frozen UNet (cnexp/control/)."""
     conditioning_embedding_out_channels: list[int] = field(default_factory=lambda: [16, 32, 96, 256])
-    conditioning_channels: int = 3
+    conditioning_channels: int = field(default=3, metadata=POSITIVE)
     branch: Branch = Branch.copy  # the trainable network; choices: cnexp/knobs.py
     connector_init: ConnectorInit = ConnectorInit.zero  # paper: zero convolutions
     # weight std of connector_init=gaussian (biases start at 0)
@@ -90,9 +91,10 @@ class DataConfig:
     # and size, the same for every kind: only the prompt says it) | dotted (those marks + 7 dots
     # on the outline: the kind is there for a model that recognises it); tinyworld/styles.py
     condition_style: ConditionStyle = ConditionStyle.outline
-    train_size: int = 4000
-    val_size: int = 256
-    test_size: int = 256
+    # the tiny world's split sizes (data.generate_tinyworld); training needs a validation sample
+    train_size: int = field(default=4000, metadata=POSITIVE)
+    val_size: int = field(default=256, metadata=POSITIVE)
+    test_size: int = field(default=256, metadata=NON_NEGATIVE)
     resolution: int = field(default=64, metadata=in_range(
         lambda v: v > 0 and v % 8 == 0, lambda v: "use a positive multiple of 8 (the VAE's "
         f"downsampling), e.g. {max(8, v // 8 * 8)}"))
@@ -101,7 +103,9 @@ class DataConfig:
     # data-loader processes; auto: on a GPU from the job's CPUs (SLURM_CPUS_PER_TASK or the CPU
     # affinity), with pinned memory and persistent workers; on a CPU 0 (cnexp/data/workers.py)
     num_workers: str = field(default="auto", metadata=WORKERS)
-    eval_size: int = 32  # fixed evaluation set: the first N validation triples
+    # fixed evaluation set: the first N validation triples (a smaller split: all of them, said
+    # and recorded; cnexp/validate.py fit_to_splits, as for batch_size)
+    eval_size: int = field(default=32, metadata=POSITIVE)
     # hf layout columns (diffusers' names); caption_column is also the captions layout's key
     image_column: str = "image"
     conditioning_image_column: str = "conditioning_image"
@@ -177,28 +181,32 @@ class EvalConfig:
     clip_score: bool = True  # with base.clip_model
     fid: bool = True
     fid_feature: str = "inception"  # inception | clip (base.clip_model) | TorchScript file
-    fid_reference_size: int = 256  # real validation images in the cached reference statistics
+    # real validation images in the cached reference statistics
+    fid_reference_size: int = field(default=256, metadata=POSITIVE)
     batch_size: int = field(default=32, metadata=POSITIVE)
-    grid_rows: int = 8
+    grid_rows: int = field(default=8, metadata=POSITIVE)
 
 
 @dataclass
 class TrainerConfig:
     max_steps: int = 1000
-    accumulate_grad_batches: int = 1
+    accumulate_grad_batches: int = field(default=1, metadata=POSITIVE)
     gradient_clip_val: Optional[float] = 1.0
     # a Lightning precision (32-true, bf16-mixed, 16-mixed) or auto (trainer=auto, the default
     # run; cnexp/device.py): bf16-mixed on a GPU with bf16 units, 16-mixed on an older GPU,
     # 32-true on the CPU
     precision: str = "32-true"
     accelerator: str = "auto"  # auto: a CUDA GPU when one is visible, else the CPU; cpu | gpu
-    devices: Any = 1  # never guessed: several GPUs are a choice (with trainer.strategy=ddp)
+    # never guessed: several GPUs are a choice (with trainer.strategy=ddp); more CPU processes
+    # than cores are said (cnexp/validate.py config_warnings)
+    devices: Any = field(default=1, metadata=DEVICES)
     strategy: str = "auto"  # ddp for several processes (trainer=ddp_cpu, or GPUs / nodes)
-    num_nodes: int = 1
-    log_every_n_steps: int = 10
+    num_nodes: int = field(default=1, metadata=POSITIVE)
+    log_every_n_steps: int = field(default=10, metadata=POSITIVE)
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
-    checkpoint_every_n_steps: int = 0  # 0: four times per run (and always at the end)
+    # 0: four times per run (and always at the end)
+    checkpoint_every_n_steps: int = field(default=0, metadata=NON_NEGATIVE)
     on_nonfinite: OnNonFinite = OnNonFinite.stop  # what a NaN/inf loss or gradient does
     compile: bool = False  # torch.compile the training forward (base + control branch)
     gradient_checkpointing: bool = False  # recompute activations in backward: memory for time

@@ -182,3 +182,20 @@ LEARNING_RATE = in_range(lambda v: v > 0, "the learning rate must be > 0")
 MAX_SEED = 2**32 - 1  # numpy's seeds are 32-bit; Lightning's seed_everything warns past it
 SEED = in_range(lambda v: 0 <= v <= MAX_SEED, f"seeds must be in [0, {MAX_SEED}] (the range "
                 "numpy and seed_everything accept)")
+
+
+def _devices_ok(value: Any) -> bool:
+    """Lightning's trainer.devices: a count >= 1, -1 (every one), auto, "0,1" or a list of ids."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return value >= 1 or value == -1
+    if isinstance(value, str):
+        return value == "auto" or all(p.strip().isdigit() for p in value.split(","))
+    ids = list(value) if not isinstance(value, dict) else []
+    return bool(ids) and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0
+                             for i in ids)
+
+
+DEVICES = in_range(_devices_ok, "use a count >= 1, -1 (every device), auto, or a list of device "
+                   "ids such as [0,1]")

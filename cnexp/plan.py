@@ -34,8 +34,10 @@ def compose_jobs(overrides: list[str], multirun: bool) -> tuple[DictConfig, list
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from cnexp.schema import check_overrides
     from cnexp.sweep import knobs_suffix
 
+    check_overrides(overrides)  # a key the schema lacks, named with its nearest knob, + or not
     parser = OverridesParser.create()
     overrides = [*(["hydra.mode=MULTIRUN"] if multirun else []), *overrides]
     single = [o.input_line for o in parser.parse_overrides(overrides) if not o.is_sweep_override()]
@@ -96,11 +98,12 @@ def duration(seconds: float) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------
-def refused(plans: list[tuple[str, Plan]], common: list[str]) -> list[str]:
-    """Each reason once; one that only some jobs of a multirun have names them."""
+def refused(plans: list[tuple[str, Plan]], common: list[str], kind: str = "refusals") -> list[str]:
+    """Each reason (of `kind`: refusals or warnings) once; one that only some jobs of a multirun
+    have names them."""
     jobs: dict[str, list[str]] = {}
     for name, plan in plans:
-        for reason in plan.refusals:
+        for reason in getattr(plan, kind):
             jobs.setdefault(reason, []).append(name)
     return [*common, *(reason if len(names) == len(plans) else f"{reason} (jobs: "
                        f"{', '.join(names)})" for reason, names in jobs.items())]
@@ -144,6 +147,11 @@ def _main(argv: Optional[list[str]]) -> int:
               "is checked)")
         for name, _, _ in plans:
             print(f"    {name}")
+    warnings = refused([(name, plan) for name, plan, _ in plans], [], "warnings")
+    if warnings:  # what the run would warn about: it runs, but not as asked
+        print("plan warns (the run would say the same):", file=sys.stderr)
+        for warning in warnings:
+            print(f"  - {warning}", file=sys.stderr)
     reasons = refused([(name, plan) for name, plan, _ in plans], common.refusals)
     if reasons:
         print("plan refused (nothing was trained):", file=sys.stderr)

@@ -17,9 +17,11 @@ BYTES = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
 
 @dataclass
 class Plan:
-    """What one job will do (`lines`: label, text) and what would stop it (`refusals`)."""
+    """What one job will do (`lines`: label, text), what would stop it (`refusals`) and what
+    runs otherwise than asked (`warnings`, the run's own warnings)."""
     lines: list[tuple[str, str]] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     eval_images: int = 0  # images sampled over the run (for the wall-time estimate)
 
     def add(self, label: str, text: str) -> None:
@@ -90,8 +92,11 @@ def _open_data(cfg: DictConfig, plan: Plan) -> Optional[dict]:
                 "captions": cfg.data.train_size}
     from cnexp.data.datamodule import TriplesDataModule
 
+    # batch and evaluation sizes of 1: plan_job fits the job's own to the splits (no warning
+    # from this copy's setup)
     data_cfg = OmegaConf.merge(cfg.data, {"precompute_conditions": False,
-                                          "skip_bad_samples": False})
+                                          "skip_bad_samples": False, "batch_size": 1,
+                                          "eval_size": 1})
     try:
         data = TriplesDataModule(data_cfg)
         data.setup()  # opens the layout and cuts the splits; decodes no image
@@ -145,7 +150,7 @@ def evaluations(cfg: DictConfig, n_val: Optional[int], plan: Plan) -> None:
     if not ev.enabled:
         plan.add("evaluation", "off (eval.enabled=false)")
         return
-    n = min(cfg.data.eval_size, n_val) if n_val is not None else cfg.data.eval_size
+    n = cfg.data.eval_size  # fitted to the validation split (plan_job)
     per_setting = min(ev.num_images or n, n)
     settings = [str(s) for s in ev.prompt_settings]
     if per_setting < 2:
@@ -171,12 +176,6 @@ def evaluations(cfg: DictConfig, n_val: Optional[int], plan: Plan) -> None:
             "holds" if reference < ev.fid_reference_size else ""
         plan.add("fid", f"{ev.fid_feature} features, {per_setting} samples against {reference} "
                  f"real validation images (statistics cached once{capped})")
-    if n_val is None:
-        return
-    if cfg.data.eval_size > n_val:
-        plan.refusals.append(f"data.eval_size={cfg.data.eval_size} but the validation split "
-                             f"holds {n_val}: set data.eval_size={n_val}, or give the split more "
-                             "samples (data.val_fraction, or data.val_size for the tiny world)")
 
 
 def caches(cfg: DictConfig, base_dir: Optional[str], sizes: Optional[dict], plan: Plan) -> None:
@@ -220,23 +219,29 @@ def human(n: float) -> str:
 def plan_job(cfg: DictConfig, refusals: list[str]) -> tuple[Plan, bool]:
     """The plan of one job's config; also whether it trains on a GPU."""
     from cnexp.module import learning_rates
-    from cnexp.validate import validate
+    from cnexp.validate import config_warnings, fit_to_splits, validate
 
     plan = Plan(refusals=list(refusals))
     try:
-        validate(cfg)
+        validate(cfg, warn=False)  # the same checks as the run's; its warnings are printed
     except CnexpError as err:
         plan.refusals.append(str(err))
     except MissingMandatoryValue as err:  # data.root: open_data names it with its fix
         if err.full_key != "data.root":
             plan.refusals.append(f"{err.full_key} is not set: add {err.full_key}=...")
+    plan.warnings += config_warnings(cfg)
+    found = Plan()  # the data as the run will split it, shown after the device
+    sizes = open_data(cfg, found)
+    if sizes is not None:  # the batch and evaluation set the run will take from it
+        plan.warnings += fit_to_splits(cfg.data, sizes)
     on_gpu = describe_device(cfg, plan)
     rates = learning_rates(cfg.optim)
     plan.add("steps", f"{cfg.trainer.max_steps} at lr {rates['control']:g}"
              + (f" (decoder {rates['decoder']:g})" if not cfg.control.sd_locked else ""))
     base_dir = check_base(cfg, plan)
     check_clip(cfg, plan)
-    sizes = open_data(cfg, plan)
+    plan.lines += found.lines
+    plan.refusals += found.refusals
     evaluations(cfg, sizes["val"] if sizes else None, plan)
     caches(cfg, base_dir, sizes, plan)
     return plan, on_gpu

@@ -1,8 +1,12 @@
 """Checks of a composed config that its types cannot express, each naming the override that
-fixes it: the ranges declared beside the fields (cnexp/knobs.py), then combinations of knobs."""
+fixes it: keys the schema lacks (cnexp/schema.py), the ranges declared beside the fields
+(cnexp/knobs.py), then combinations of knobs. The run (cnexp/train.py) and `cnexp.plan` call the
+same functions here, so the plan refuses, warns about and records what the run would: `validate`,
+`config_warnings`, and `fit_to_splits` once the data's split sizes are known."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import sys
 from pathlib import Path
@@ -13,11 +17,17 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnexp.config import TrainConfig
 from cnexp.errors import ConfigError
+from cnexp.schema import unknown_knobs
+
+log = logging.getLogger("cnexp")
 
 
-
-
-def validate(cfg: DictConfig) -> None:
+def validate(cfg: DictConfig, warn: bool = True) -> None:
+    """Raise a ConfigError for the first thing that cannot run; `warn`: log what runs but not as
+    asked (`config_warnings`; cnexp.plan prints them itself)."""
+    unknown = unknown_knobs(cfg)  # a +-added key would otherwise be carried along unread
+    if unknown:
+        raise ConfigError("\n".join(unknown))
     for key, value, allowed in ranged_fields(cfg, TrainConfig):
         if value is not None and not allowed.ok(value):
             fail(key, f"is {value}; {allowed.reason(value)}")
@@ -39,6 +49,52 @@ def validate(cfg: DictConfig) -> None:
 
     get_branch(cfg.control.branch).check(cfg.control)
     resolve_frozen_dtype(cfg.trainer)  # an unknown dtype, or half without mixed precision
+    from cnexp.sweep import is_rank_zero
+
+    for warning in config_warnings(cfg) if warn and is_rank_zero() else []:
+        log.warning("%s", warning)
+
+
+def config_warnings(cfg: DictConfig) -> list[str]:
+    """What runs, but slower or otherwise than one would expect: more CPU training processes
+    than this machine has cores (they share them; results are the same, only slower)."""
+    from cnexp.data.workers import available_cpus  # SLURM's share, else the CPU affinity
+    from cnexp.device import resolve_device
+
+    device, cores = resolve_device(cfg.trainer), available_cpus()
+    processes = device.devices if isinstance(device.devices, int) else 1
+    tasks = os.environ.get("SLURM_NTASKS", "1")  # SLURM's ranks: each task has its own CPUs
+    if device.on_gpu or processes <= cores or (tasks.isdigit() and int(tasks) > 1):
+        return []
+    return [f"trainer.devices={processes} starts {processes} CPU training processes on this "
+            f"machine's {cores} core(s): they share the cores, so each step takes longer than "
+            f"with trainer.devices={cores} (the results are the same); set trainer.devices={cores} "
+            "or fewer (trainer=ddp_cpu: 2), or train on GPUs (trainer=gpu)"]
+
+
+# data.<knob> -> the split it draws from, how to give that split more samples, what a run does
+SPLIT_OF = {"batch_size": ("train", "data.train_size for the tiny world", "batch is {}"),
+            "eval_size": ("val", "data.val_fraction, or data.val_size for the tiny world",
+                          "evaluation set has {} image(s)")}
+SPLIT_NAMES = {"train": "training", "val": "validation"}
+
+
+def fit_to_splits(data_cfg: Any, sizes: dict[str, int]) -> list[str]:
+    """Lower data.batch_size and data.eval_size to the samples of their split (`sizes`: split ->
+    count) where they ask for more, in `data_cfg` itself, so that config.yaml records what ran;
+    a warning for each. A small data set still trains and evaluates (tests/test_silent_data.py);
+    the data module's setup (the run) and cnexp.plan both fit with this function."""
+    warnings = []
+    for knob, (split, more, does) in SPLIT_OF.items():
+        asked, available = getattr(data_cfg, knob), sizes[split]
+        if asked <= available:
+            continue
+        setattr(data_cfg, knob, available)
+        warnings.append(f"data.{knob}={asked} but the {SPLIT_NAMES[split]} split holds "
+                        f"{available}: set data.{knob}={available}, or give the split more "
+                        f"samples ({more}). This run's {does.format(available)} (config.yaml "
+                        f"records data.{knob}={available})")
+    return warnings
 
 
 def ranged_fields(cfg: Any, schema: type, prefix: str = ""):

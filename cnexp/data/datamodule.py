@@ -93,10 +93,21 @@ class TriplesDataModule(L.LightningDataModule):
                                      train=split == "train", random_crop=cfg.crop == "random",
                                      conditions=self.conditions)
             self.datasets[split] = self._checked(dataset, split)
+        self._fit_to_splits()
         if self.conditions is not None:
             log.info("data: %s", self.conditions.summary())
         if self.tokenizer is not None:
             self._check_captions()
+
+    def _fit_to_splits(self) -> None:
+        """data.batch_size and eval_size lowered to their split's size where they ask for more:
+        said, and recorded in the config that config.yaml and W&B write (cnexp/validate.py;
+        cnexp.plan fits with the same function)."""
+        from cnexp.validate import fit_to_splits
+
+        sizes = {split: len(dataset) for split, dataset in self.datasets.items()}
+        for warning in fit_to_splits(self.cfg, sizes):
+            rank_zero_only(log.warning)("%s", warning)
 
     def _check_captions(self) -> None:
         """Every caption of every split, read once (no image decoded), checked against the
@@ -154,7 +165,7 @@ class TriplesDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         consumed = trainer.global_step * trainer.accumulate_grad_batches if trainer else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
-        batch = min(self.cfg.batch_size, len(self.datasets["train"]))  # global: split by rank
+        batch = self.cfg.batch_size  # global (fitted to the split in setup): split by rank
         if batch % world:
             raise DataError(f"data.batch_size={batch} is the global batch and must split evenly "
                             f"over the {world} training processes: set data.batch_size to a "
@@ -182,7 +193,7 @@ class TriplesDataModule(L.LightningDataModule):
         center crop), identical for every run, seed and ablation, so comparisons are paired."""
         self.setup()
         val = self.datasets["val"]
-        items = [val[i] for i in range(min(self.cfg.eval_size, len(val)))]
+        items = [val[i] for i in range(self.cfg.eval_size)]  # fitted to the split in setup
         batch = {"condition": torch.stack([x["condition"] for x in items]),
                  "image": torch.stack([x["image"] for x in items]),
                  "caption": [x["caption"] for x in items],
