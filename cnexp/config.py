@@ -121,6 +121,9 @@ class DataConfig:
     skip_bad_samples: bool = False
     # samples with identical decoded condition and target: keep | drop (docs/data.md)
     duplicates: Duplicates = Duplicates.keep
+    # near-duplicates (a re-saved or resized copy): both 256-bit pHashes within this many bits
+    # (cnexp/data/near_duplicates.py; 20: measured, docs/data.md); null: exact copies only
+    near_duplicate_distance: Optional[int] = field(default=20, metadata=NON_NEGATIVE)
     # a target's shorter side below it is refused (upscaled 4x+ it trains on blur); None:
     # data.resolution // 4
     min_image_size: Optional[int] = field(default=None, metadata=NON_NEGATIVE)

@@ -99,8 +99,9 @@ def test_random_crop_cuts_image_and_condition_identically(tmp_path):
     (tmp_path / "img").mkdir()
     ramp = (torch.arange(40) * 6).to(torch.uint8).expand(16, 40)  # wide and left-to-right
     lines = []
-    for i in range(4):  # distinct samples: a repeated entry is refused by the data check
-        Image.fromarray((ramp + i).numpy()).convert("RGB").save(tmp_path / "img" / f"{i}.png")
+    for i in range(4):  # distinct samples: a repeat (or a ramp a shade brighter, a near-
+        rows = ramp // 2 + 40 * i  # duplicate) is refused or grouped by the data check
+        Image.fromarray(rows.numpy()).convert("RGB").save(tmp_path / "img" / f"{i}.png")
         lines.append(json.dumps({"source": f"img/{i}.png", "target": f"img/{i}.png",
                                  "prompt": "x"}))
     (tmp_path / "prompt.json").write_text("\n".join(lines) + "\n")

@@ -3,13 +3,15 @@
     python -m cnexp.data.check [the overrides run.py takes]      # e.g. data=fill50k data.root=..
 
 prints a report: samples per split, image modes and sizes, duplicates (by a hash of the decoded
-condition and target, not by file name), captions, unreadable files. Every training run runs the
-same check in its data module's setup (cached by the data's fingerprint: a repeat only reads the
+condition and target, not by file name; near-duplicates by perceptual hashes,
+cnexp/data/near_duplicates.py), captions, unreadable files. Every training run runs the same
+check in its data module's setup (cached by the data's fingerprint: a repeat only reads the
 cache) and stops with one message naming the samples and the fix on what would make its numbers
-wrong: a held-out sample that is also a training sample, an unreadable file, a target far below
-the training resolution or with an extreme aspect ratio, duplicates nobody decided about
-(data.duplicates). What is merely unusual (upscaled images, empty captions, duplicates dropped
-or kept) is a warning with counts. docs/data.md shows the report and its time.
+wrong: a held-out sample that is also a training sample (or a re-saved, resized copy of one), an
+unreadable file, a target or condition far below the training resolution, a target with an
+extreme aspect ratio, duplicates nobody decided about (data.duplicates). What is merely unusual
+(upscaled images, empty captions, duplicates dropped or kept) is a warning with counts.
+docs/data.md shows the report and its time.
 """
 from __future__ import annotations
 
@@ -19,13 +21,13 @@ import sys
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 from types import SimpleNamespace
 
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.data.images import DataError
-from cnexp.data.scan import Facts, scan
+from cnexp.data.near_duplicates import across_sources, leak_message, merge, near_pairs
+from cnexp.data.scan import Facts, describe_modes, scan
 from cnexp.data.splits import split_groups, too_small
 
 log = logging.getLogger("cnexp")
@@ -33,11 +35,6 @@ log = logging.getLogger("cnexp")
 SPLITS = ("train", "val", "test")
 KEEP_FIRST = ("val", "test", "train")  # data.duplicates=drop keeps a held-out copy first
 SHOWN = 5  # samples named per problem
-BITS = {"1": "1-bit", "L": "8-bit grey", "LA": "8-bit grey+alpha", "P": "8-bit palette",
-        "PA": "8-bit palette+alpha", "RGB": "8-bit RGB", "RGBA": "8-bit RGBA",
-        "CMYK": "8-bit CMYK", "YCbCr": "8-bit YCbCr", "I;16": "16-bit grey",
-        "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer",
-        "F": "32-bit float"}
 
 
 def _errors(entries: list, facts) -> str:
@@ -88,6 +85,7 @@ class DataCheck:
         self.seconds, self.cached = time.perf_counter() - start, cached
         self.sources, self.missing = dict(sources), [s for s in SPLITS if s not in sources]
         self.too_small: str = ""  # a source too small to cut the missing splits from
+        self.near_joined = 0  # content groups a cut joined to another as near-duplicates
         self.indices = self._split()
 
     def fact(self, entry: tuple[str, int]) -> Facts:
@@ -103,12 +101,16 @@ class DataCheck:
         groups: dict[str, list[int]] = defaultdict(list)
         for index, facts in enumerate(self.facts[id(train)]):
             groups[facts.content or f"unreadable {index}"].append(index)  # unreadable: alone
-        cut = split_groups(list(groups.values()), cfg.split_seed,
+        near = ([] if cfg.near_duplicate_distance is None else
+                near_pairs([f.look for f in self.facts[id(train)]], cfg.near_duplicate_distance))
+        joined = merge(list(groups.values()), near)  # near-duplicates on one side too
+        self.near_joined = len(groups) - len(joined)
+        cut = split_groups(joined, cfg.split_seed,
                            cfg.val_fraction if "val" in self.missing else 0.0,
                            cfg.test_fraction if "test" in self.missing else 0.0)
         if not cut["train"]:  # refused in decide(), with whatever else is wrong
-            distinct = len(groups) < len(train)
-            self.too_small = str(too_small(cfg.root, len(groups), self.missing,
+            distinct = len(joined) < len(train)
+            self.too_small = str(too_small(cfg.root, len(joined), self.missing,
                                            "distinct sample" if distinct else "sample"))
         indices["train"] = cut["train"]
         for split in self.missing:
@@ -136,6 +138,11 @@ class DataCheck:
                       f"{min_size} (upscaled {cfg.resolution / max(1, min_size):g}x or more, "
                       "they train on blur)", "replace them with larger images, or lower "
                       "data.min_image_size"),
+            "small condition": (
+                [e for e in usable if 0 < min(self.fact(e).condition_size) < min_size],
+                f"have a condition whose shorter side is below data.min_image_size={min_size} "
+                "(upscaled to its target's size, it trains on blur)", "store conditions at "
+                "their targets' size, or lower data.min_image_size"),
             "aspect": ([e for e in usable if self._ratio(e) > (cfg.max_aspect_ratio or 1e9)],
                        f"have a target more than {cfg.max_aspect_ratio:g} times as long as it "
                        "is wide or the reverse (a square crop keeps a sliver the caption does "
@@ -163,6 +170,8 @@ class DataCheck:
         out.summary = {"samples": {s: len(out.indices[s]) for s in SPLITS},
                        "duplicates": self.copies, "duplicate_groups": len(self.groups),
                        "duplicates_across_splits": len(self.across),
+                       "near_duplicates_across_splits": len(self.near_across),
+                       "near_duplicate_groups_joined": self.near_joined,
                        "duplicates_policy": str(cfg.duplicates), "duplicates_dropped": dropped,
                        "left_out": len(left_out) - dropped, "refused": bool(out.refusals)}
         out.report = self._report(entries, readable, out)
@@ -188,6 +197,14 @@ class DataCheck:
         self.groups = [g for g in by_content.values() if len(g) > 1]
         self.copies = sum(len(g) - 1 for g in self.groups)
         self.across = [g for g in self.groups if len({s for s, _ in g}) > 1]
+        distance = self.cfg.near_duplicate_distance
+        self.near_across = ([] if distance is None else across_sources(
+            usable, self.fact, lambda e: self.sources[e[0]], distance))
+        if self.near_across and self.cfg.duplicates == "drop":  # a held-out copy is kept
+            left_out.update(max(p[:2], key=lambda e: KEEP_FIRST.index(e[0]))
+                            for p in self.near_across)
+        elif self.near_across:
+            out.refusals.append(leak_message(self.near_across, self.fact, distance))
         seen: dict = {}
         self.repeats = []  # (repeat, the entry it repeats)
         for entry in usable:
@@ -232,19 +249,23 @@ class DataCheck:
         return 0
 
     def _warn_unusual(self, usable: list, out: Checked, left_out: set) -> None:
-        kept = [e for e in usable if e not in left_out]
-        upscaled = [e for e in kept if min(self.fact(e).size) < self.cfg.resolution]
-        if upscaled:
-            smallest = min((self.fact(e).size for e in upscaled), key=min)
-            out.warnings.append(f"data: {len(upscaled)} of {len(kept)} target(s) are smaller "
-                                f"than data.resolution={self.cfg.resolution} and are upscaled "
-                                f"(smallest {smallest[0]}x{smallest[1]}); first: "
-                                f"{_names(upscaled, self.fact, 3)}")
-        empty = [e for e in kept if not any(self.fact(e).captions)]
+        kept, res = [e for e in usable if e not in left_out], self.cfg.resolution
+        upscaled = {  # a condition upscaled more than its target: counted on its own
+            "target": ([e for e in kept if min(self.fact(e).size) < res], "size", ""),
+            "condition": ([e for e in kept if 0 < min(self.fact(e).condition_size)
+                           < min(res, *self.fact(e).size)], "condition_size",
+                          "their target and ")}
+        for role, (found, size, than) in upscaled.items():
+            if found:
+                w, h = min((getattr(self.fact(e), size) for e in found), key=min)
+                out.warnings.append(f"data: {len(found)} of {len(kept)} {role}(s) are smaller "
+                                    f"than {than}data.resolution={res} and are upscaled (smallest "
+                                    f"{w}x{h}); first: {_names(found, self.fact, 3)}")
+        empty = [e for e in kept if self.fact(e).captionless]
         if empty:
-            out.warnings.append(f"data: {len(empty)} of {len(kept)} sample(s) have no caption: "
-                                "they train like prompt-dropped samples; first: "
-                                f"{_names(empty, self.fact, 3)}")
+            out.warnings.append(f"data: {len(empty)} of {len(kept)} sample(s) have no caption "
+                                "(or only whitespace): they train like prompt-dropped samples; "
+                                f"first: {_names(empty, self.fact, 3)}")
 
     def _report(self, entries: list, readable: list, out: Checked) -> list[str]:
         cfg = self.cfg
@@ -265,8 +286,8 @@ class DataCheck:
             "  splits      " + ", ".join(f"{s} {len(self.indices[s])}" for s in SPLITS)
             + f" ({how}); after the check: "
             + ", ".join(f"{s} {len(out.indices[s])}" for s in SPLITS),
-            "  modes       target: " + _modes(modes[0])
-            + (f"; condition: {_modes(modes[1])}" if modes[1] else ""),
+            "  modes       target: " + describe_modes(modes[0])
+            + (f"; condition: {describe_modes(modes[1])}" if modes[1] else ""),
             f"  sizes       target {size_line}; shorter side below data.min_image_size="
             f"{self.min_image_size}: "
             f"{sum(min(f.size) < self.min_image_size for f in facts)}; below data.resolution="
@@ -276,8 +297,10 @@ class DataCheck:
             f"  duplicates  repeated entries (same files, same captions): {len(self.repeats)}; "
             f"identical samples (same pixels, same captions): {n_identical}; repeats of "
             f"another's pixels: {self.copies} in {len(self.groups)} group(s), "
-            f"{len(self.across)} across splits (data.duplicates={cfg.duplicates})",
-            f"  captions    empty {sum(not any(f.captions) for f in facts)}; "
+            f"{len(self.across)} across splits (data.duplicates={cfg.duplicates}); near-"
+            f"duplicates (data.near_duplicate_distance={cfg.near_duplicate_distance}): "
+            f"{len(self.near_across)} across given splits, {self.near_joined} joined in a cut",
+            f"  captions    empty {sum(f.captionless for f in facts)}; "
             f"{len(captions)} distinct first captions of {len(facts)} samples "
             f"({sum(n for n in captions.values() if n > 1)} share theirs with another)",
             f"  unreadable  {sum(self.fact(e).unreadable for e in entries)}; other unusable: "
@@ -289,10 +312,6 @@ class DataCheck:
         return lines
 
 
-def _modes(counts: Counter) -> str:
-    return ", ".join(f"{mode} ({BITS.get(mode, '?')}) {n}" for mode, n in counts.most_common())
-
-
 def check_splits(sources: dict, cfg, cache_dir: str | None = None) -> Checked:
     """The check as training runs it: the splits to use, the warnings; refusals raise."""
     checked = DataCheck(sources, cfg, cache_dir).decide()
@@ -301,88 +320,11 @@ def check_splits(sources: dict, cfg, cache_dir: str | None = None) -> Checked:
     return checked
 
 
-def compose(overrides: list[str]):
-    """The config run.py would compose from `overrides` (paths.root: the working directory)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from omegaconf import open_dict
-
-    from cnexp.config import PROJECT_ROOT, register_configs
-
-    register_configs()
-    given = {o.split("=", 1)[0].lstrip("+") for o in overrides}
-    implicit = [] if "paths.root" in given else [f"paths.root={Path.cwd()}"]
-    with initialize_config_dir(config_dir=str(PROJECT_ROOT / "conf"), version_base="1.3"):
-        cfg = hydra_compose(config_name="train", overrides=[*implicit, *overrides])
-    with open_dict(cfg):
-        cfg.paths.output_dir = str(Path.cwd())  # not used: nothing is written but the cache
-    return cfg
-
-
-def _caption_lines(cfg, checked: Checked) -> list[str]:
-    """Captions the base's tokenizer cannot carry whole (cnexp/data/caption_check.py)."""
-    from cnexp.data.caption_check import caption_warnings
-
-    try:
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(cfg.base.pretrained, subfolder="tokenizer",
-                                                  revision=cfg.base.revision,
-                                                  local_files_only=True)  # never a download
-    except Exception as err:  # not cached, missing folder: the rest of the report stands
-        return [f"  tokenizer   not checked ({cfg.base.pretrained}: {type(err).__name__})"]
-    captions, seen = [], set()
-    for split, indices in checked.indices.items():
-        source = checked.sources[split]
-        for index in indices:
-            if (id(source), index) not in seen:
-                seen.add((id(source), index))
-                captions += source.captions(index)
-    found = caption_warnings(tokenizer, captions)
-    return [f"  tokenizer   {message}" for message in found] or [
-        f"  tokenizer   every caption fits the base's {tokenizer.model_max_length}-token "
-        "context" + (" and vocabulary" if len(tokenizer.get_vocab()) < 49408 else "")]
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Print the report for the data `python run.py <argv>` would train on; exit code 2 if a
-    run would refuse it (as run.py exits on a user error), 0 otherwise."""
-    from cnexp.data.datamodule import open_sources
-    from cnexp.errors import CnexpError
-    from cnexp.tinyworld.shapes import ensure_tiny_dataset
+    """`python -m cnexp.data.check`: the report (cnexp/data/check_cli.py)."""
+    from cnexp.data.check_cli import main as run
 
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return 0
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    try:
-        cfg = compose(argv)
-        data = cfg.data
-        from cnexp.config import DataConfig
-        from cnexp.validate import fail, ranged_fields
-
-        for key, value, allowed in ranged_fields(data, DataConfig, "data."):
-            if value is not None and not allowed.ok(value):  # as run.py checks them
-                fail(key, f"is {value}; {allowed.reason(value)}")
-        if data.generate_tinyworld:
-            ensure_tiny_dataset(Path(data.root), {"train": data.train_size,
-                                                  "val": data.val_size, "test": data.test_size})
-        checked = DataCheck(open_sources(data, data.cache_dir), data, data.cache_dir).decide()
-    except CnexpError as err:
-        print(f"data check: {err}", file=sys.stderr)
-        return 2
-    except Exception as err:  # Hydra's composition errors (a mistyped knob): its message
-        if type(err).__module__.startswith(("hydra", "omegaconf")):
-            print(f"data check: {err}", file=sys.stderr)
-            return 2
-        raise
-    print("\n".join(checked.report + _caption_lines(cfg, checked)))
-    for message in checked.warnings:
-        print(f"warning: {message}")
-    if checked.refusals:
-        print("refused (a training run stops here):\n  " + "\n  ".join(checked.refusals))
-        return 2
-    return 0
+    return run(argv)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,12 @@
 """What the data check knows of each sample: read once, cached by the data's fingerprint.
 
-Each sample is decoded exactly as training decodes it (the layout's `load`, cnexp/data/images.py's
-`to_rgb`), so the content hash is of the pixels training sees: the same picture stored twice
-under other names, or once as PNG and once as a palette PNG, has one hash. The cache file is
-keyed by the source's fingerprint (index bytes, every image file's size and mtime), so a repeat
-run reads a few MB of JSON instead of decoding the data set again.
+Each sample is decoded exactly as training decodes it (the layout's `load`,
+cnexp/data/images.py's `to_rgb`), so the content hash is of the pixels training sees: the same
+picture stored twice under other names, or once as PNG and once as a palette PNG, has one hash.
+The same pass reads each sample's look (perceptual hashes, cnexp/data/near_duplicates.py) for
+near-duplicates. The cache file is keyed by the source's fingerprint (index bytes, every image
+file's size and mtime), so a repeat run reads a few MB of JSON instead of decoding the data set
+again.
 """
 from __future__ import annotations
 
@@ -18,11 +20,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cnexp.data.images import DataError, UnreadableImage, match_sizes
+from cnexp.data.near_duplicates import look
 from cnexp.fileio import atomic_write_json
 
 log = logging.getLogger("cnexp")
 
-SCAN_VERSION = 2  # bump when Facts or the hash changes: older cache files are then ignored
+SCAN_VERSION = 3  # bump when Facts or the hash changes: older cache files are then ignored
+# Pillow mode -> what it stores, for the report's modes line (describe_modes)
+BITS = {"1": "1-bit", "L": "8-bit grey", "LA": "8-bit grey+alpha", "P": "8-bit palette",
+        "PA": "8-bit palette+alpha", "RGB": "8-bit RGB", "RGBA": "8-bit RGBA",
+        "CMYK": "8-bit CMYK", "YCbCr": "8-bit YCbCr", "I;16": "16-bit grey",
+        "I;16B": "16-bit grey", "I;16L": "16-bit grey", "I": "32-bit integer",
+        "F": "32-bit float"}
 PARALLEL_FROM = 2048  # samples; below it a process pool's start costs more than it saves
 CHUNK = 512  # samples per task of the pool
 
@@ -33,11 +42,23 @@ class Facts:
     name: str  # its file (and index line), for messages
     content: str = ""  # hash of the decoded target (and condition); "" when unreadable
     size: tuple[int, int] = (0, 0)  # the target's (width, height) as decoded
+    condition_size: tuple[int, int] = (0, 0)  # the stored condition's; (0, 0) without one
     modes: list[str] = field(default_factory=list)  # Pillow modes as stored: target[, condition]
     captions: list[str] = field(default_factory=list)
     entry: str = ""  # the files the index names ("" for rows without files: hf)
     error: str = ""  # why it cannot be used as it is; "" when it can
     unreadable: bool = False  # a missing or corrupt file (data.skip_bad_samples may skip it)
+    look: str = ""  # perceptual hashes and mean colour (near_duplicates.look); "" unreadable
+
+    @property
+    def captionless(self) -> bool:
+        """No caption with a word in it: whitespace tokenizes to nothing, like ""."""
+        return not any(c.strip() for c in self.captions)
+
+
+def describe_modes(counts) -> str:
+    """Pillow modes met, with their bit depth, most common first (the report's modes line)."""
+    return ", ".join(f"{mode} ({BITS.get(mode, '?')}) {n}" for mode, n in counts.most_common())
 
 
 def sample_name(source, index: int) -> str:
@@ -64,7 +85,9 @@ def read_facts(source, index: int) -> Facts:
             facts.modes.append(condition.info.get("cnexp_mode", condition.mode))
             match_sizes(image, condition, sample.origin)  # raises if they cannot be aligned
             digest += _digest(condition)
+            facts.condition_size = condition.size
         facts.content = hashlib.blake2b(digest, digest_size=12).hexdigest()
+        facts.look = look(image, condition)
     except UnreadableImage as err:
         facts.error, facts.unreadable = str(err), True
     except DataError as err:
@@ -129,7 +152,8 @@ def read_all(source) -> list[Facts]:
 def _load(path: Path, n: int) -> list[Facts] | None:
     try:
         rows = json.loads(path.read_text())
-        facts = [Facts(**{**row, "size": tuple(row["size"])}) for row in rows]
+        facts = [Facts(**{**row, "size": tuple(row["size"]),
+                          "condition_size": tuple(row["condition_size"])}) for row in rows]
     except (OSError, ValueError, TypeError, KeyError):
         return None  # absent, or written by another version: scan again
     return facts if len(facts) == n else None
