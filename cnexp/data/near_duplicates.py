@@ -67,9 +67,16 @@ def _parse(looks: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return hashes.reshape(len(looks), -1), colours
 
 
+def _popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per uint64 (numpy >= 2 has it built in; older numpy counts unpacked bytes)."""
+    if hasattr(np, "bitwise_count"):
+        return np.bitwise_count(words)
+    return np.unpackbits(words.view(np.uint8).reshape(*words.shape, 8), axis=-1).sum(-1)
+
+
 def _distances(hashes: np.ndarray, i: int, others: np.ndarray) -> np.ndarray:
     """max(target distance, condition distance) from sample i to each of `others`."""
-    per_word = np.bitwise_count(hashes[others] ^ hashes[i])  # (k, words)
+    per_word = _popcount(hashes[others] ^ hashes[i])  # (k, words)
     half = HEX // 16  # words per hash
     target = per_word[:, :half].sum(1)
     return np.maximum(target, per_word[:, half:].sum(1)) if per_word.shape[1] > half else target
