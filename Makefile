@@ -6,7 +6,7 @@ setup: .cnexp-setup
 # constraints.txt: this machine's exact torch build; the package itself declares only ranges
 .cnexp-setup: pyproject.toml constraints.txt
 	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
-	$(PYTHON) -c "import controlnet_aux, diffusers, lightning, hydra"  # fail early on a broken install
+	$(PYTHON) -c "import cnexp, controlnet_aux, diffusers, lightning, hydra"  # a broken install fails here; cnexp first hides controlnet-aux's import warnings
 	touch $@
 
 run: setup

@@ -27,6 +27,7 @@ from cnexp.metrics.callbacks import build_evaluation
 from cnexp.module import ControlNetModule
 from cnexp.precision import resolve_frozen_dtype, store_frozen
 from cnexp.progress import StepProgressBar
+from cnexp.quiet import quiet_weight_loading_bars
 from cnexp.record import RunMetrics, write_metrics
 from cnexp.finite import NonFiniteGuard
 from cnexp.reliability import SafeCheckpointIO
@@ -55,10 +56,16 @@ def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
         run_id = uuid.uuid4().hex[:12]  # W&B run ids: letters and digits
         if is_rank_zero():
             atomic_write(id_file, run_id + "\n")
-    # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline
-    return [WandbLogger(project=cfg.logger.project, save_dir=str(out_dir), id=run_id,
-                        resume="allow", offline=mode == "offline", **wandb_identity(cfg),
-                        config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))]
+    # group = sweep or ablation, name = <ablation>-s<seed>, tags = knobs off baseline; W&B's own
+    # banner and closing summary stay off (report() says where the run went), its warnings on
+    # (docs/evaluation.md): offline, its hint `wandb online` would not apply (mode is passed here)
+    logger = WandbLogger(project=cfg.logger.project, save_dir=str(out_dir), id=run_id,
+                         resume="allow", offline=mode == "offline", **wandb_identity(cfg),
+                         config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
+                         settings={"silent": True} if mode == "offline" else {"quiet": True})
+    # Lightning always passes anonymous=None, which recent wandb warns has no effect
+    logger._wandb_init.pop("anonymous", None)
+    return [logger]
 
 
 def apply_speed_options(trainer_cfg, base, controlnet) -> None:
@@ -92,12 +99,13 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     identity = run_identity(cfg)  # what its checkpoints carry: the knobs as the run was given
     apply_slurm_resources(cfg)  # under hydra/launcher=slurm the job's GPUs choose the devices
     validate(cfg)
+    quiet_weight_loading_bars()  # transformers' bar per encoder read from disk
     start = time.perf_counter()
     out_dir = Path(cfg.paths.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     # before anything heavy: a wrong checkpoint, or one of another run, fails now
     begin = choose_start(cfg, out_dir, identity)  # resume, warm start or fresh
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's name
     device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
     if device.accelerator == "cpu" and isinstance(device.devices, int):
         # CPU processes share the cores: n processes on n cores must not each spawn n threads
@@ -146,6 +154,7 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         gradient_clip_val=None,  # the finite guard clips, reusing its gradient norm
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
+        enable_model_summary=False,  # Lightning's parameter table (docs/evaluation.md)
         callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop, *([StepProgressBar(
             lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
         # atomic saves, resume checks the keys; on SLURM, cnexp's signals own the save and the
@@ -182,10 +191,9 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         report(out_dir, summary, loggers)
     for lg in loggers:
         if isinstance(lg, WandbLogger):
-            lg.experiment.summary.update({k: v for k, v in summary["final"].items()})
-            lg.log_table("final_metrics", columns=["metric", "step 0", "final"],
-                         data=[[k, summary["step0"].get(k), v]
-                               for k, v in summary["final"].items()])
+            # step 0 beside the final values; not a wandb.Table, whose artifact leaves its
+            # temporary directory to the garbage collector (a ResourceWarning, wandb#5258)
+            lg.experiment.summary.update({**summary["final"], "step0": summary["step0"]})
             lg.experiment.finish()  # one W&B run per job, never merged across a sweep
     return summary
 

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cnexp.errors import CnexpError
+from cnexp.quiet import add_warning_filters
 
 OFFLINE_ANNOTATORS = ("canny", "content_shuffle", "lineart_standard", "mediapipe_face")
 # name -> controlnet_aux class whose from_pretrained reads DEFAULT_WEIGHTS (or a local copy)
@@ -45,8 +46,11 @@ class AnnotatorError(CnexpError):
 
 
 def _controlnet_aux():
-    with warnings.catch_warnings():  # its import warns about optional packages and timm renames
-        warnings.simplefilter("ignore")
+    """Imported here, not at the top: the default run needs no annotator, and the import takes
+    seconds and warns (mediapipe, timm's renames: the filters cnexp/quiet.py lists, applied
+    here too, where a caller such as pytest has reset the process's filters)."""
+    with warnings.catch_warnings():
+        add_warning_filters()
         import controlnet_aux
     return controlnet_aux
 
