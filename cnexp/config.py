@@ -257,6 +257,9 @@ class TrainConfig:
     # it exists, else start fresh; a finished run is left alone), or a checkpoint path; the
     # checkpoint's knobs must be this run's (cnexp/run_identity.py)
     ckpt_path: Optional[str] = None
+    # true: a new run that starts from ckpt_path's trained weights (another run's, other knobs
+    # allowed) at step 0, with a fresh optimizer and record; metrics.json's warm_start says so
+    warm_start: bool = False
 
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -268,9 +271,6 @@ def default_cache_dir() -> str:
     working directory is often a home quota or a scratch that does not outlive it)."""
     if os.environ.get("CNEXP_CACHE"):
         return str(Path(os.environ["CNEXP_CACHE"]).expanduser())
-    # true: a new run that starts from ckpt_path's trained weights (another run's, other knobs
-    # allowed) at step 0, with a fresh optimizer and record; metrics.json's warm_start says so
-    warm_start: bool = False
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     root = Path(xdg) if Path(xdg).is_absolute() else Path.home() / ".cache"  # XDG: absolute only
     return str(root / "cnexp")

@@ -125,7 +125,10 @@ def ensure_tiny_dataset(root: Path, sizes: dict[str, int]) -> Path:
 
     def complete(split: str) -> bool:
         index = root / split / "prompt.json"
-        return index.exists() and sum(1 for _ in index.open()) == sizes[split]
+        if not index.exists():
+            return False
+        with index.open() as lines:
+            return sum(1 for _ in lines) == sizes[split]
 
     if all(complete(split) for split in sizes):
         return root
