@@ -14,12 +14,35 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
-from cnexp.data.workers import WHY as WORKERS_WHY, valid_setting as valid_workers
-from cnexp.knobs import (DEVICES, LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED,
-                         Branch, CacheStore, ConditionStyle, Duplicates, FrozenDtype,
-                         AdapterType, Connector, ConnectorInit, Crop, Fidelity, InitScope,
-                         Family, Layout, LoggerMode, MetricName,
-                         OnNonFinite, PromptSetting, Scheduler, in_range)
+from cnexp.data.workers import WHY as WORKERS_WHY
+from cnexp.data.workers import valid_setting as valid_workers
+from cnexp.knobs import (
+    DEVICES,
+    LEARNING_RATE,
+    NON_NEGATIVE,
+    POSITIVE,
+    PROBABILITY,
+    SEED,
+    AdapterType,
+    Branch,
+    CacheStore,
+    ConditionStyle,
+    Connector,
+    ConnectorInit,
+    Crop,
+    Duplicates,
+    Family,
+    Fidelity,
+    FrozenDtype,
+    InitScope,
+    Layout,
+    LoggerMode,
+    MetricName,
+    OnNonFinite,
+    PromptSetting,
+    Scheduler,
+    in_range,
+)
 
 
 @dataclass
@@ -227,7 +250,7 @@ class LoggerConfig:
     mode: Optional[LoggerMode] = None  # None: $WANDB_MODE, else offline
     group: Optional[str] = None  # None: the sweep's name in a multirun, else the ablation
     name: Optional[str] = None  # None: <ablation>-s<seed>, + the swept knobs in a multirun
-    csv: bool = True  # csv/metrics.csv, written from the run's record (cnexp/runlog.py)
+    csv: bool = True  # csv/metrics.csv, written from the run's record (cnexp/run/log.py)
 
 
 @dataclass
@@ -255,7 +278,7 @@ class TrainConfig:
     export: bool = True  # save the trained branch in diffusers' format (the branch's export)
     # resume: "last" (this run dir's checkpoints/last.ckpt, which must exist), "auto" (resume if
     # it exists, else start fresh; a finished run is left alone), or a checkpoint path; the
-    # checkpoint's knobs must be this run's (cnexp/run_identity.py)
+    # checkpoint's knobs must be this run's (cnexp/run/identity.py)
     ckpt_path: Optional[str] = None
     # true: a new run that starts from ckpt_path's trained weights (another run's, other knobs
     # allowed) at step 0, with a fresh optimizer and record; metrics.json's warm_start says so
@@ -281,4 +304,4 @@ def register_configs() -> None:
     # the shipped assets live beside the package, whatever directory run.py is started from
     OmegaConf.register_new_resolver("cnexp_root", lambda: str(PROJECT_ROOT), replace=True)
     OmegaConf.register_new_resolver("cnexp_cache", default_cache_dir, replace=True)
-    import cnexp.sweep  # noqa: F401 - registers cnexp_job_name, the multirun job's dir name
+    import cnexp.run.naming  # noqa: F401 - registers cnexp_job_name, the multirun job's dir name

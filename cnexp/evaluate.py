@@ -41,8 +41,17 @@ from cnexp.config import TrainConfig
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write, atomic_write_json
 from cnexp.overrides import flatten
-from cnexp.record import (ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError, finished_run,
-                          read_metrics, read_status, write_metrics)
+from cnexp.run.record import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    RecordError,
+    finished_run,
+    read_metrics,
+    read_status,
+    write_metrics,
+)
 
 log = logging.getLogger("cnexp")
 EVALUATION_SECTIONS = ("eval.", "sampling.")
@@ -124,7 +133,7 @@ def why_unusable(run_dir: Path) -> str:
         read_metrics(run_dir / METRICS_FILE)
     except RecordError as err:
         return str(err)
-    for name, what in (("config.yaml", "the config the run wrote at its end"),
+    for name, what in ((CONFIG_FILE, "the config the run wrote at its end"),
                        ("controlnet", "the exported ControlNet")):
         if not (run_dir / name).exists():
             return f"no {name} ({what})"
@@ -140,7 +149,7 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     from cnexp.module import ControlNetModule
 
     run_dir, out_dir = Path(run_dir), Path(out_dir)
-    if not finished_run(run_dir) or not (run_dir / "config.yaml").exists():
+    if not finished_run(run_dir) or not (run_dir / CONFIG_FILE).exists():
         raise CnexpError(f"{run_dir} holds no finished run (status ok, metrics.json and "
                          "config.yaml): only finished runs can be evaluated again")
     if out_dir.resolve() == run_dir.resolve():
@@ -152,7 +161,7 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     (out_dir / METRICS_FILE).unlink(missing_ok=True)
     changes = OmegaConf.from_dotlist([o.lstrip("+~") for o in overrides])
     cfg = OmegaConf.merge(OmegaConf.structured(TrainConfig),
-                          OmegaConf.load(run_dir / "config.yaml"), changes)
+                          OmegaConf.load(run_dir / CONFIG_FILE), changes)
     cfg.paths.output_dir = str(out_dir)
     L.seed_everything(cfg.seed)
     base = load_base(cfg.base)
@@ -172,7 +181,7 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
         row = {"step": record.steps, **evaluation.evaluate(trainer, module, full=True)}
     history = [r for r in record.history if r["step"] != record.steps] + [row]
     _copy_config(run_dir, out_dir, changes, overrides)
-    atomic_write(out_dir / "config.yaml", OmegaConf.to_yaml(cfg))
+    atomic_write(out_dir / CONFIG_FILE, OmegaConf.to_yaml(cfg))
     status = json.loads((run_dir / STATUS_FILE).read_text())
     atomic_write_json(out_dir / STATUS_FILE, {
         **status, "evaluated_from": str(run_dir), "evaluation_overrides": overrides,
@@ -193,9 +202,9 @@ def _copy_config(run_dir: Path, out_dir: Path, changes, overrides: list[str]) ->
     changed = {_key(o) for o in overrides}
     lines = [line for line in lines if _key(str(line)) not in changed] + list(overrides)
     atomic_write(hydra_dir / "overrides.yaml", yaml.safe_dump(lines, default_flow_style=False))
-    if (run_dir / ".hydra" / "config.yaml").exists():
-        config = OmegaConf.merge(OmegaConf.load(run_dir / ".hydra" / "config.yaml"), changes)
-        atomic_write(hydra_dir / "config.yaml", OmegaConf.to_yaml(config))
+    if (run_dir / ".hydra" / CONFIG_FILE).exists():
+        config = OmegaConf.merge(OmegaConf.load(run_dir / ".hydra" / CONFIG_FILE), changes)
+        atomic_write(hydra_dir / CONFIG_FILE, OmegaConf.to_yaml(config))
 
 
 def _read_list(path: Path) -> list:

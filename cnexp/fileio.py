@@ -6,7 +6,7 @@ writers never trip over each other's temporary file; a full disk is one `Storage
 the file and the free space (cnexp/storage.py). `exclusive(path)` serialises the first fill
 of a shared cache (data generation, FID reference statistics) between concurrent first runs.
 `file_lock` is the one lock implementation (filelock's flock) for those caches and for the run
-directory (cnexp/rundir.py); on a filesystem without flock it raises `LockUnsupported`, naming the
+directory (cnexp/run/dir.py); on a filesystem without flock it raises `LockUnsupported`, naming the
 path and where to put it instead, rather than a bare OSError or a marker a crash would leave.
 """
 from __future__ import annotations

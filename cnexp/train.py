@@ -1,10 +1,12 @@
-"""Build everything from the config, train, evaluate, export; return the run's summary."""
+"""A run, built and fitted: `build_run` makes every component from the config (listed by `Run`),
+`train` fits it, then records, exports and reports; `build_model` is what cnexp.plan times."""
 from __future__ import annotations
 
 import logging
 import os
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -12,36 +14,44 @@ import torch
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
-from cnexp.base import load_base
-from cnexp.checkpoints import RunCheckpoints
-from cnexp.control import build_controlnet, get_branch
+from cnexp.base import BaseBundle, load_base
+from cnexp.control import Branch, build_controlnet, get_branch
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.device import describe, resolve_device
 from cnexp.encode_cache import FrozenEncoderCache
-from cnexp.families.family import get_family
 from cnexp.encode_store import DiskEncoderCache, tokenizer_digest, weights_digest
+from cnexp.families.family import BaseFamily, get_family
 from cnexp.fileio import atomic_write
-from cnexp.metrics.callbacks import build_evaluation
+from cnexp.finite import NonFiniteGuard
+from cnexp.metrics.callbacks import EvaluationCallback, build_evaluation
 from cnexp.module import ControlNetModule
 from cnexp.precision import resolve_frozen_dtype, store_frozen
 from cnexp.progress import StepProgressBar
 from cnexp.quiet import quiet_weight_loading_bars
-from cnexp.record import RunMetrics, write_metrics
-from cnexp.finite import NonFiniteGuard
-from cnexp.reliability import SafeCheckpointIO
-from cnexp.run_identity import choose_start, load_warm_weights, run_identity
-from cnexp.runlog import RunLog
-from cnexp.signals import StopAtStepEnd, StopSignals
-from cnexp.slurm_job import apply_slurm_resources
-from cnexp.sweep import is_rank_zero, wandb_identity
+from cnexp.run.checkpoint_io import SafeCheckpointIO
+from cnexp.run.checkpoints import RunCheckpoints
+from cnexp.run.context import apply_slurm_resources, is_rank_zero
+from cnexp.run.identity import run_identity
+from cnexp.run.log import RunLog
+from cnexp.run.naming import wandb_identity
+from cnexp.run.record import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    CSV_FILE,
+    WANDB_ID_FILE,
+    RunMetrics,
+    write_metrics,
+)
+from cnexp.run.resume import Start, decide_start, load_warm_weights
+from cnexp.run.signals import StopAtStepEnd, StopSignals
 from cnexp.validate import validate
 
 log = logging.getLogger("cnexp")
 
 
-WANDB_ID_FILE = "wandb_run_id"
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list:
@@ -93,27 +103,21 @@ def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
     return DiskEncoderCache(root, base_key, **kwargs)
 
 
-def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
-    """The whole experiment. Returns (and writes to metrics.json) the run's summary.
-    `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside run.py."""
-    identity = run_identity(cfg)  # what its checkpoints carry: the knobs as the run was given
-    apply_slurm_resources(cfg)  # under hydra/launcher=slurm the job's GPUs choose the devices
-    validate(cfg)
-    quiet_weight_loading_bars()  # transformers' bar per encoder read from disk
-    start = time.perf_counter()
-    out_dir = Path(cfg.paths.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # before anything heavy: a wrong checkpoint, or one of another run, fails now
-    begin = choose_start(cfg, out_dir, identity)  # resume, warm start or fresh
-    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's name
-    device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
-    if device.accelerator == "cpu" and isinstance(device.devices, int):
-        # CPU processes share the cores: n processes on n cores must not each spawn n threads
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, device.devices)))
-    frozen_dtype = resolve_frozen_dtype(cfg.trainer)
-    if is_rank_zero():
-        log.info(describe(device, frozen_dtype))
+@dataclass
+class Model:
+    """What trains: the frozen base (its family says how it is used), the branch and its
+    network, and the LightningModule that joins them."""
+    base: BaseBundle
+    family: BaseFamily
+    branch: Branch
+    controlnet: nn.Module
+    module: ControlNetModule
 
+
+def build_model(cfg: DictConfig, frozen_dtype: torch.dtype,
+                cache: FrozenEncoderCache | None = None) -> Model:
+    """The base, the control branch on it and the module, as a run trains them (cnexp.plan's
+    step timing builds the same)."""
     base = load_base(cfg.base)
     branch = get_branch(cfg.control.branch)
     family = get_family(base.family)
@@ -122,30 +126,87 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
     # the copy then starts from the base as stored, so step 0's copy drift is exactly 0
     store_frozen((*family.frozen(base), controlnet), frozen_dtype,
                  copies=branch.copied_from_base(controlnet, family.denoiser(base)))
-    cache = build_cache(cfg.cache, cfg.paths.cache, base)
+    if cache is None:
+        cache = FrozenEncoderCache(latents=False, text=False)
+    elif callable(cache):  # built from the base it caches
+        cache = cache(base)
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, cache=cache,
                               compiled=cfg.trainer.compile, branch=branch)
-    if begin.warm:
-        load_warm_weights(module, begin)
+    return Model(base, family, branch, controlnet, module)
+
+
+@dataclass
+class Run:
+    """Everything a run is made of, built before anything trains (`build_run`), in the order
+    `train` uses it."""
+    cfg: DictConfig
+    out_dir: Path
+    started: float  # perf_counter at the build's start: the record's wall time
+    start: Start  # resume, warm start or fresh (cnexp/run/resume.py)
+    model: Model
+    data: TriplesDataModule
+    evaluation: EvaluationCallback
+    damage: BaseDamageCallback
+    run_log: RunLog  # the record that checkpoints carry: losses and fit time
+    loggers: list
+    trainer: L.Trainer
+
+
+def build_run(cfg: DictConfig, signals: StopSignals | None = None) -> Run:
+    """Check the config, decide how the run starts, build its model, data, callbacks and
+    trainer. `signals`: run.py's stop-signal handlers (pre-emption, Ctrl-C); None outside it."""
+    identity = run_identity(cfg)  # what its checkpoints carry: the knobs as the run was given
+    apply_slurm_resources(cfg)  # under hydra/launcher=slurm the job's GPUs choose the devices
+    validate(cfg)
+    quiet_weight_loading_bars()  # transformers' bar per encoder read from disk
+    started = time.perf_counter()
+    out_dir = Path(cfg.paths.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # before anything heavy: a wrong checkpoint, or one of another run, fails now
+    start = decide_start(cfg, out_dir, identity)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # the seed is in the run's name
+    device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
+    if device.accelerator == "cpu" and isinstance(device.devices, int):
+        # CPU processes share the cores: n processes on n cores must not each spawn n threads
+        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, device.devices)))
+    frozen_dtype = resolve_frozen_dtype(cfg.trainer)
+    if is_rank_zero():
+        log.info(describe(device, frozen_dtype))
+    model = build_model(cfg, frozen_dtype,
+                        cache=lambda base: build_cache(cfg.cache, cfg.paths.cache, base))
+    if start.warm:
+        load_warm_weights(model.module, start)
     # the tokenizer: setup warns once about captions it cannot carry whole
     prompts = (cfg.eval.insufficient_prompt,) if cfg.eval.enabled else ()
-    data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer, prompts=prompts)
+    data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=model.base.tokenizer,
+                             prompts=prompts)
     data.prepare_data()
     evaluation = build_evaluation(cfg, data, out_dir)
-    ckpt_dir = out_dir / "checkpoints"
+    loggers = build_loggers(cfg, out_dir)
+    damage = BaseDamageCallback(evaluation.batch)
+    run_log = RunLog(cfg.trainer.log_every_n_steps,
+                     out_dir / CSV_FILE if cfg.logger.csv else None,
+                     lambda: evaluation.history)
+    run_log.warm_start = start.warm  # a resume's checkpoint restores the run's own
+    trainer = build_trainer(cfg, device, model.module, identity, out_dir, signals, loggers,
+                            [damage, evaluation, run_log])
+    return Run(cfg, out_dir, started, start, model, data, evaluation, damage, run_log, loggers,
+               trainer)
+
+
+def build_trainer(cfg: DictConfig, device, module, identity: dict, out_dir: Path,
+                  signals: StopSignals | None, loggers: list, record: list) -> L.Trainer:
+    """Lightning's Trainer with the run's callbacks: `record` (base damage, evaluation, run log)
+    first, then checkpoints, the non-finite guard, the stop at a step's end and the bar."""
+    ckpt_dir = out_dir / CHECKPOINT_DIR
     every = cfg.trainer.checkpoint_every_n_steps or max(1, cfg.trainer.max_steps // 4)
     checkpoints = RunCheckpoints(ckpt_dir, every, identity)  # last.ckpt: a link, one write
     guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val)]
-    loggers = build_loggers(cfg, out_dir)
-    damage = BaseDamageCallback(evaluation.batch)
-    # the record that checkpoints carry: losses and fit time (RunLog), evaluations (evaluation)
-    run_log = RunLog(cfg.trainer.log_every_n_steps,
-                     out_dir / "csv" / "metrics.csv" if cfg.logger.csv else None,
-                     lambda: evaluation.history)
-    run_log.warm_start = begin.warm  # a resume's checkpoint restores the run's own
     # after the evaluation and the record in each step, so a stop saves both
     stop = [StopAtStepEnd(signals, ckpt_dir)] if signals is not None else []
-    trainer = L.Trainer(
+    evaluation = record[1]
+    bar = [StepProgressBar(lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else []
+    return L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=device.accelerator,
         devices=device.devices, precision=device.precision,
         strategy=cfg.trainer.strategy, num_nodes=cfg.trainer.num_nodes,
@@ -155,47 +216,57 @@ def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
         log_every_n_steps=cfg.trainer.log_every_n_steps, fast_dev_run=cfg.trainer.fast_dev_run,
         enable_progress_bar=cfg.trainer.enable_progress_bar, logger=loggers or False,
         enable_model_summary=False,  # Lightning's parameter table (docs/evaluation.md)
-        callbacks=[damage, evaluation, run_log, checkpoints, *guards, *stop, *([StepProgressBar(
-            lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else [])],
+        callbacks=[*record, checkpoints, *guards, *stop, *bar],
         # atomic saves, resume checks the keys; on SLURM, cnexp's signals own the save and the
         # requeue is submitit's (docs/slurm.md), so Lightning's own requeue stays off
         plugins=[SafeCheckpointIO(module),
                  *([SLURMEnvironment(auto_requeue=False)] if SLURMEnvironment.detect() else [])],
         limit_val_batches=0, num_sanity_val_steps=0,
         default_root_dir=str(out_dir), deterministic=False)
-    trainer.fit(module, datamodule=data, ckpt_path=begin.resume)
-    fit_seconds = run_log.fit_seconds  # every segment of a resumed run
 
-    history = evaluation.history
-    record = RunMetrics(
-        ablation=cfg.ablation, seed=cfg.seed, steps=trainer.global_step, history=history,
-        step0=history[0] if history else {}, final=history[-1] if history else {},
-        sudden_convergence=evaluation.sudden, base_damage_step0=damage.value,
-        controlnet_class=type(controlnet).__name__,
-        final_loss=float(trainer.callback_metrics.get("train/loss", torch.nan)),
-        fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
-        eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
-        losses=run_log.losses, resumed_at=run_log.resumed_at,
-        final_images=evaluation.final_images, data_check=data.data_check,
-        warm_start=run_log.warm_start)
+
+def train(cfg: DictConfig, signals: StopSignals | None = None) -> dict:
+    """The whole experiment: build the run, fit it, record, export and report. Returns (and
+    writes to metrics.json) the run's summary."""
+    run = build_run(cfg, signals)
+    run.trainer.fit(run.model.module, datamodule=run.data, ckpt_path=run.start.resume)
+    record = run_record(run)
+    trainer, out_dir, model = run.trainer, run.out_dir, run.model
     if trainer.is_global_zero:
         if cfg.export:
-            branch.export(controlnet, out_dir / "controlnet")
+            model.branch.export(model.controlnet, out_dir / "controlnet")
             if not cfg.control.sd_locked:  # part of the base trained too
-                family.export_unlocked(base, out_dir)
-        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
-        record.wall_seconds = round(time.perf_counter() - start, 1)
+                model.family.export_unlocked(model.base, out_dir)
+        OmegaConf.save(cfg, out_dir / CONFIG_FILE, resolve=True)
+        record.wall_seconds = round(time.perf_counter() - run.started, 1)
         write_metrics(out_dir, record)
     summary = record.to_json()
     if trainer.is_global_zero:
-        report(out_dir, summary, loggers)
-    for lg in loggers:
+        report(out_dir, summary, run.loggers)
+    for lg in run.loggers:
         if isinstance(lg, WandbLogger):
             # step 0 beside the final values; not a wandb.Table, whose artifact leaves its
             # temporary directory to the garbage collector (a ResourceWarning, wandb#5258)
             lg.experiment.summary.update({**summary["final"], "step0": summary["step0"]})
             lg.experiment.finish()  # one W&B run per job, never merged across a sweep
     return summary
+
+
+def run_record(run: Run) -> RunMetrics:
+    """metrics.json's content once the fit has ended."""
+    fit_seconds = run.run_log.fit_seconds  # every segment of a resumed run
+    evaluation, history = run.evaluation, run.evaluation.history
+    return RunMetrics(
+        ablation=run.cfg.ablation, seed=run.cfg.seed, steps=run.trainer.global_step,
+        history=history, step0=history[0] if history else {},
+        final=history[-1] if history else {}, sudden_convergence=evaluation.sudden,
+        base_damage_step0=run.damage.value, controlnet_class=type(run.model.controlnet).__name__,
+        final_loss=float(run.trainer.callback_metrics.get("train/loss", torch.nan)),
+        fit_seconds=round(fit_seconds, 1), eval_seconds=round(evaluation.seconds, 1),
+        eval_share=round(evaluation.seconds / max(fit_seconds, 1e-9), 3),
+        losses=run.run_log.losses, resumed_at=run.run_log.resumed_at,
+        final_images=evaluation.final_images, data_check=run.data.data_check,
+        warm_start=run.run_log.warm_start)
 
 
 def report(out_dir: Path, summary: dict, loggers: list) -> None:

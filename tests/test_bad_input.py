@@ -8,16 +8,16 @@ import sys
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT, compose_cfg
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_toy import ToyModule
 
 from cnexp.base import BaseModelUnavailable, load_base
 from cnexp.config import DataConfig
 from cnexp.data.images import DataError
-from cnexp.reliability import CheckpointError, SafeCheckpointIO
 from cnexp.errors import ConfigError
+from cnexp.run.checkpoint_io import CheckpointError, SafeCheckpointIO
 from cnexp.validate import validate
-from conftest import ROOT, compose_cfg
-from lightning_toy import ToyModule
 
 
 def run_py(*overrides, env=None, timeout=300):

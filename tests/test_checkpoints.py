@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cnexp.reliability import CheckpointError
-from cnexp.rundir import resume_path
 from conftest import compose_cfg
+
+from cnexp.run.checkpoint_io import CheckpointError
+from cnexp.run.resume import resume_path
 
 SMALL = ["data.train_size=16", "data.val_size=4", "data.test_size=4", "data.batch_size=4",
          "eval.enabled=false", "logger.mode=disabled", "logger.csv=false",
@@ -117,7 +117,7 @@ def _fake(path: Path, step: int) -> Path:
 def test_the_newest_step_wins_over_a_stale_last_ckpt(tmp_path, caplog):
     """A run that the old state key left with last.ckpt behind last-v1.ckpt resumes from the
     newest step, naming both."""
-    from cnexp.checkpoints import resume_checkpoint
+    from cnexp.run.checkpoints import resume_checkpoint
 
     last, newer = _fake(tmp_path / "last.ckpt", 4), _fake(tmp_path / "last-v1.ckpt", 8)
     _fake(tmp_path / "epoch=0-step=4.ckpt", 4)
@@ -132,7 +132,7 @@ def test_the_newest_step_wins_over_a_stale_last_ckpt(tmp_path, caplog):
 
 
 def test_only_broken_checkpoints_is_one_error_naming_each(tmp_path):
-    from cnexp.checkpoints import resume_checkpoint
+    from cnexp.run.checkpoints import resume_checkpoint
 
     (tmp_path / "last.ckpt").write_bytes(b"")
     (tmp_path / "epoch=0-step=4.ckpt").write_bytes(b"PK\x03\x04 half a zip")
@@ -146,7 +146,7 @@ def test_only_broken_checkpoints_is_one_error_naming_each(tmp_path):
 
 def test_a_checkpoint_under_the_old_state_key_still_restores_the_callback(tmp_path):
     """Checkpoints written before the constant key named it after the interval."""
-    from cnexp.checkpoints import STATE_KEY, RunCheckpoints
+    from cnexp.run.checkpoints import STATE_KEY, RunCheckpoints
 
     callback = RunCheckpoints(tmp_path / "checkpoints", every=3)
     old_key = "ModelCheckpoint{'monitor': None, 'mode': 'min', 'every_n_train_steps': 6, " \

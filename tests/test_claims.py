@@ -3,12 +3,22 @@ import math
 
 import pytest
 from scipy import stats
+from test_compare import fake_run
 
-from cnexp.analysis.claims import (NOT_RUN, NOT_SHOWN, OPPOSITE, REPRODUCED, Claim, ClaimsError,
-                          detectable_effect, judge_claim, load_claims, seeds_needed)
+from cnexp.analysis.claims import (
+    NOT_RUN,
+    NOT_SHOWN,
+    OPPOSITE,
+    REPRODUCED,
+    Claim,
+    ClaimsError,
+    detectable_effect,
+    judge_claim,
+    load_claims,
+    seeds_needed,
+)
 from cnexp.analysis.compare import main
 from cnexp.analysis.runs import OK, RunRecord
-from test_compare import fake_run
 
 
 def run(label: str, seed: int, final: dict, history=(), images=None) -> RunRecord:
@@ -122,6 +132,6 @@ def test_the_analysis_program_imports_no_training_code():
     import sys
 
     code = ("import sys, cnexp.analysis.compare; print(sorted(m for m in ('torch', 'lightning', "
-            "'diffusers', 'cnexp.train', 'cnexp.module', 'cnexp.sweep') if m in sys.modules))")
+            "'diffusers', 'cnexp.train', 'cnexp.module', 'cnexp.launch.sweep') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -11,10 +11,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT, TINY, compose_cfg
 
 from cnexp.errors import CnexpError, ConfigError
 from cnexp.validate import validate
-from conftest import ROOT, TINY, compose_cfg
 
 needs_tiny = pytest.mark.skipif(not (TINY / "model_index.json").exists(),
                                 reason="needs assets/tinyworld")
@@ -23,7 +23,7 @@ CONECTOR = r"control\.conector is not a knob: did you mean control\.connector\?"
 
 def plan(capsys, *args: str) -> tuple[int, str, str]:
     """`python -m cnexp.plan ...` in process: (exit code, stdout, stderr)."""
-    from cnexp.plan import main
+    from cnexp.launch.plan import main
 
     code = main(list(args))
     out, err = capsys.readouterr()

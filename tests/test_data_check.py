@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from cnexp.config import DataConfig
-from cnexp.data.check import main as check_main
+from cnexp.data.check_cli import main as check_main
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.data.images import DataError
 from cnexp.data.splits import split_indices

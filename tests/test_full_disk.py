@@ -17,12 +17,12 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from conftest import ROOT
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning_toy import ToyModule
 
 from cnexp.errors import CnexpError
-from cnexp.reliability import CheckpointError, SafeCheckpointIO
-from conftest import ROOT
-from lightning_toy import ToyModule
+from cnexp.run.checkpoint_io import CheckpointError, SafeCheckpointIO
 
 NO_SPACE = os.strerror(errno.ENOSPC)  # "No space left on device"
 
@@ -71,7 +71,7 @@ def test_a_checkpoint_the_disk_cannot_hold_is_one_message_and_the_previous_stays
 
 
 def test_with_last_ckpt_linked_a_failed_save_leaves_it_whole(tmp_path, monkeypatch):
-    from cnexp.checkpoints import RunCheckpoints
+    from cnexp.run.checkpoints import RunCheckpoints
 
     ckpt_dir = tmp_path / "checkpoints"
     fill_disk_from_step(monkeypatch, 3)
@@ -127,8 +127,7 @@ def _fill(disk: Path) -> None:
 
 def test_on_a_real_full_disk_checkpoints_fail_cleanly_and_the_record_is_still_written(
         small_disk):
-    from cnexp.fileio import atomic_write
-    from cnexp.fileio import write_small
+    from cnexp.fileio import atomic_write, write_small
     from cnexp.storage import SpaceReserve
 
     big = {"w": torch.zeros(1 << 20)}  # 4 MiB

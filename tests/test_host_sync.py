@@ -14,11 +14,11 @@ import traceback
 import pytest
 import torch
 import torch.utils.data.dataloader as torch_loader
+from conftest import compose_cfg
 
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.module import ControlNetModule
-from cnexp.signals import StopSignals
-from conftest import compose_cfg
+from cnexp.run.signals import StopSignals
 
 READS = ("item", "tolist", "numpy", "__bool__", "__float__", "__int__", "__index__")
 STEPS, EVERY = 12, 4

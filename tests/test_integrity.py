@@ -13,9 +13,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import ROOT
+from safetensors.torch import load_file
 
 # Small but with a real record: evaluations every 4 steps (curve) and a full one at 0 and the end
 SMALL = ["data.train_size=40", "data.val_size=8", "data.test_size=8", "data.batch_size=4",
@@ -137,7 +136,7 @@ def test_sigkill_then_resume_gives_the_same_record_and_weights(tmp_path, straigh
 
 
 def test_ctrl_c_waits_for_the_step_and_a_second_one_stops_at_once():
-    from cnexp.signals import RunStopped, StopSignals
+    from cnexp.run.signals import RunStopped, StopSignals
 
     signals = StopSignals()
     signals.phase = "training"
@@ -152,7 +151,7 @@ def test_ctrl_c_waits_for_the_step_and_a_second_one_stops_at_once():
 def test_a_signal_before_the_first_step_stops_at_once(tmp_path):
     """The step-0 evaluation and the encoder-cache fill run after on_train_start: a pre-emption
     then must not wait for them (a cluster's grace period may be shorter)."""
-    from cnexp.signals import RunStopped, StopAtStepEnd, StopSignals
+    from cnexp.run.signals import RunStopped, StopAtStepEnd, StopSignals
 
     signals = StopSignals()
     stop = StopAtStepEnd(signals, tmp_path)
@@ -281,7 +280,7 @@ def test_under_ddp_every_rank_stops_at_the_same_step(tmp_path, straight):
 
 
 def test_a_requeued_slurm_job_continues_its_run_rather_than_being_refused(tmp_path, monkeypatch):
-    from cnexp.rundir import resume_path, wanted_resume
+    from cnexp.run.resume import resume_path, wanted_resume
 
     (tmp_path / "checkpoints").mkdir()
     torch.save({"state_dict": {}, "global_step": 3}, tmp_path / "checkpoints" / "last.ckpt")

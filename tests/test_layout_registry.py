@@ -11,7 +11,7 @@ from cnexp.config import DataConfig
 from cnexp.data.datamodule import TriplesDataModule, open_sources
 from cnexp.data.images import DataError
 from cnexp.data.layout import LAYOUTS, get_layout
-from cnexp.knobs import DATA_PACKAGE, Layout
+from cnexp.knobs import Layout
 from cnexp.registry import declared
 
 # a layout whose triples live in memory: image i is one colour, its condition the inverse colour

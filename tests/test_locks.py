@@ -11,14 +11,15 @@ import subprocess
 import sys
 
 import pytest
+from conftest import ROOT
 
 from cnexp.fileio import LockUnsupported, exclusive, file_lock
-from cnexp.rundir import LOCK_FILE, RunDirError, RunDirLock
-from conftest import ROOT
+from cnexp.run.dir import RunDirError, RunDirLock
+from cnexp.run.record import LOCK_FILE
 
 
 def hold_in_another_process(run_dir) -> subprocess.CompletedProcess:
-    code = ("import sys; from cnexp.rundir import RunDirLock, RunDirError\n"
+    code = ("import sys; from cnexp.run.dir import RunDirLock, RunDirError\n"
             f"try: RunDirLock({str(run_dir)!r}).acquire()\n"
             "except RunDirError as err: print(err); sys.exit(2)")
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,

@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 
 import pytest
-
-from cnexp.plan import main
 from conftest import TINY
+
+from cnexp.launch.plan import main
 
 pytestmark = pytest.mark.skipif(not (TINY / "model_index.json").exists(),
                                 reason="needs assets/tinyworld")
@@ -105,7 +105,7 @@ def test_the_sd_study_plans_its_slurm_array(capsys, sd_shaped):
                              *sd_shaped, "data.eval_size=6", "eval.fid_reference_size=6")
     assert code == 0, out
     assert fields["launcher"].startswith("SLURM")
-    # the job's GPU decides the device (cnexp/slurm_job.py), whatever this machine has
+    # the job's GPU decides the device (cnexp/run/context.py), whatever this machine has
     assert fields["device"].startswith("gpu x 1")
     assert fields["precision"].endswith("frozen base bfloat16")
     assert fields["steps"] == "10000 at lr 1e-05"

@@ -1,11 +1,11 @@
-"""The run record's schema (cnexp/record.py) and the state that makes a resume continue it."""
+"""The run record's schema (cnexp/run/record.py) and the state that makes a resume continue it."""
 import json
 import math
 
 import pytest
 
-from cnexp.record import RECORD_VERSION, RecordError, RunMetrics, read_metrics, write_metrics
-from cnexp.runlog import RunLog
+from cnexp.run.log import RunLog
+from cnexp.run.record import RECORD_VERSION, RecordError, RunMetrics, read_metrics, write_metrics
 
 
 def test_write_then_read_round_trips_and_nan_becomes_null(tmp_path):

@@ -7,9 +7,9 @@ import subprocess
 import sys
 
 import pytest
-
-from cnexp.rundir import RunDirLock
 from conftest import ROOT
+
+from cnexp.run.dir import RunDirLock
 
 OLD = 1_600_000_000_000_000_000  # ns: 2020, so that any rewrite shows in the mtimes
 

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_cfg
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import OmegaConf
 
 from cnexp.errors import CnexpError
-from cnexp.record import read_metrics
-from conftest import ROOT, compose_cfg
+from cnexp.run.record import read_metrics
 
 SMALL = ["data.train_size=16", "data.val_size=4", "data.test_size=4", "data.batch_size=4",
          "data.eval_size=2", "eval.num_images=2", "eval.curve_images=2", "sampling.steps=2",

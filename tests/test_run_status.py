@@ -12,13 +12,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ROOT
+from test_progress import fit
 
 from cnexp.analysis.runs import read_run
 from cnexp.finite import NonFiniteError, NonFiniteGuard
 from cnexp.progress import StepProgressBar
-from cnexp.sweep import HISTORY_DIR, write_status
-from conftest import ROOT
-from test_progress import fit
+from cnexp.run.record import HISTORY_DIR, write_status
 
 TINY_RUN = ["data.train_size=32", "data.val_size=8", "data.test_size=8", "data.eval_size=4",
             "sampling.steps=3", "logger.mode=disabled"]

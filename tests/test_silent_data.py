@@ -9,13 +9,13 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import ROOT, TINY, compose_cfg
 from PIL import Image
 
 from cnexp.config import DataConfig
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.data.images import DataError, open_rgb
 from cnexp.validate import ConfigError, validate
-from conftest import ROOT, TINY, compose_cfg
 
 
 def setup(root, tokenizer=None, **overrides) -> TriplesDataModule:
@@ -307,7 +307,7 @@ def test_sweep_job_names_carry_the_swept_knobs(monkeypatch, tmp_path):
     from hydra.core.hydra_config import HydraConfig
 
     from cnexp.analysis.runs import JOB_DIR_NAME
-    from cnexp.sweep import wandb_identity
+    from cnexp.run.naming import wandb_identity
 
     def fake_train(cfg, signals=None):
         (tmp_path / "names").mkdir(exist_ok=True)

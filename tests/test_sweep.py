@@ -11,19 +11,19 @@ import types
 
 import pytest
 import torch
+from conftest import ROOT, TINY
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 
 from cnexp.analysis.compare import main as compare_main
-from cnexp.errors import CnexpError
 from cnexp.analysis.runs import FAILED, OK, load_sweep
+from cnexp.errors import CnexpError
 from cnexp.overrides import JOB_DIR_NAME, job_stem, knob_diff, knobs_suffix
-from cnexp.rundir import wanted_resume
-from cnexp.slurm_job import SlurmSettingsError, apply_slurm_resources
-from cnexp.record import RecordError, read_status
-from cnexp.sweep import split_threads, wandb_identity
-from conftest import ROOT, TINY
+from cnexp.run.context import SlurmSettingsError, apply_slurm_resources, split_threads
+from cnexp.run.naming import wandb_identity
+from cnexp.run.record import RecordError, read_status
+from cnexp.run.resume import wanted_resume
 
 
 def compose_with_hydra(overrides, conf_dir=ROOT / "conf"):
@@ -188,7 +188,7 @@ def test_real_multirun_then_compare(tmp_path):
     assert (out / "samples.png").exists()
 
 
-# --- the SLURM preset: the job's resources drive the trainer (cnexp/slurm_job.py) ---
+# --- the SLURM preset: the job's resources drive the trainer (cnexp/run/context.py) ---
 
 @pytest.fixture(scope="module")
 def conf_without_local(tmp_path_factory):

@@ -20,10 +20,18 @@ from typing import Optional
 
 from cnexp.analysis import plots
 from cnexp.analysis.claims import ClaimsError, judge_claims, load_claims, write_claims_csv
-from cnexp.analysis.report import (SETTING_ORDER, _setting_rank, baseline_of, lower_is_better,
-                                   markdown, write_runs_csv, write_summary_csv)
+from cnexp.analysis.report import (
+    SETTING_ORDER,
+    _setting_rank,
+    baseline_of,
+    lower_is_better,
+    markdown,
+    write_runs_csv,
+    write_summary_csv,
+)
 from cnexp.analysis.runs import OK, RunRecord, is_metric, load_sweep, load_wandb
 from cnexp.analysis.stats import Estimate, mean_ci, paired_difference
+from cnexp.run.record import METRICS_FILE
 
 # eval/curve/<metric>: a subset of the perfect-prompt images, scored often for the step curves;
 # eval/<metric> ("default"): the headline copy of one setting. Neither goes in the final tables
@@ -74,7 +82,7 @@ def select_runs(records: list[RunRecord], baseline: str = "baseline"
 
 def _mtime(run: RunRecord) -> float:
     try:
-        return (run.path / "metrics.json").stat().st_mtime if run.path else 0.0
+        return (run.path / METRICS_FILE).stat().st_mtime if run.path else 0.0
     except OSError:
         return 0.0
 

@@ -18,8 +18,16 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from cnexp.overrides import JOB_DIR_NAME, NOT_KNOBS, sweep_overrides
-from cnexp.record import (ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError, RunMetrics,
-                          read_metrics, read_status)
+from cnexp.run.record import (
+    CONFIG_FILE,
+    ERROR_FILE,
+    METRICS_FILE,
+    STATUS_FILE,
+    RecordError,
+    RunMetrics,
+    read_metrics,
+    read_status,
+)
 
 # broken: a record that is not what a run writes (truncated, edited, another program's file);
 # unreadable: a directory without .hydra/ and config.yaml, whose ablation and knobs are unknown;
@@ -72,7 +80,7 @@ def _numbers(row: dict) -> dict[str, float]:
 
 def non_finite(row: dict) -> Optional[str]:
     """What makes a final row unusable: "non-finite eval/fid = nan" (null: how the run's writer
-    stores a NaN or an infinity, cnexp/record.py), or None when every metric is a number."""
+    stores a NaN or an infinity, cnexp/run/record.py), or None when every metric is a number."""
     for key, value in row.items():
         if not is_metric(key):
             continue
@@ -115,7 +123,7 @@ def last_grids(samples_dir: Path) -> dict[str, Path]:
 def read_run(run_dir: Path) -> RunRecord:
     """One run directory as a RunRecord; never raises over what the directory holds: a record
     that cannot be read makes the run `broken`, with the reason in `error`."""
-    config = _load(run_dir / ".hydra" / "config.yaml", yaml.safe_load)
+    config = _load(run_dir / ".hydra" / CONFIG_FILE, yaml.safe_load)
     config = config if isinstance(config, dict) else {}
     overrides = _overrides(_load(run_dir / ".hydra" / "overrides.yaml", yaml.safe_load))
     from_name = JOB_DIR_NAME.match(run_dir.name)
@@ -126,7 +134,7 @@ def read_run(run_dir: Path) -> RunRecord:
     record = RunRecord(name=run_dir.name, ablation=str(ablation),
                        seed=_int_or_none(seed), status=INCOMPLETE,
                        path=run_dir, overrides=overrides, config=config)
-    if not (run_dir / ".hydra").is_dir() and not (run_dir / "config.yaml").exists():
+    if not (run_dir / ".hydra").is_dir() and not (run_dir / CONFIG_FILE).exists():
         # guessing its group from a name or a record would invent what the sweep varied
         record.ablation, record.seed, record.status = "?", None, UNREADABLE
         record.error = ("no .hydra/ and no config.yaml: its ablation and knobs cannot be read, "

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from cnexp.bench.child import CLOCK_ENV, read_clock
+from cnexp.run.record import CSV_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 LR = 1e-3
@@ -89,7 +90,7 @@ def run_directory(work: Path, tag: str) -> Path:
 
 
 def cnexp_losses(out: Path) -> list[float]:
-    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    rows = csv.DictReader((out / CSV_FILE).open())
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 

@@ -22,10 +22,27 @@ from pathlib import Path
 import torch
 
 from cnexp.bench import flops
-from cnexp.bench.common import (LEVERS, LR, PEER, TOLERANCE, child_cmd, judge, measure,
-                                prepare_peer_inputs, ratio, run_child, run_directory)
-from cnexp.bench.sd_shapes import (SHAPES, build_bundle, parameter_counts, scaled_configs,
-                                   write_triples)
+from cnexp.bench.common import (
+    LEVERS,
+    LR,
+    PEER,
+    TOLERANCE,
+    child_cmd,
+    judge,
+    measure,
+    prepare_peer_inputs,
+    ratio,
+    run_child,
+    run_directory,
+)
+from cnexp.bench.sd_shapes import (
+    SHAPES,
+    build_bundle,
+    parameter_counts,
+    scaled_configs,
+    write_triples,
+)
+from cnexp.run.record import CSV_FILE
 
 LOG_EVERY = 10  # cnexp's loss is recorded (and read from the device) every 10 steps
 N_EVAL = 8  # validation/test triples (evaluation is off; the data module wants them)
@@ -79,7 +96,7 @@ def window_loss(name: str, run_dir: Path, output: str, warmup: int, steps: int) 
 
 def cnexp_losses_by_step(out: Path) -> dict[int, float]:
     """Step (steps done) -> loss from a run's csv/metrics.csv."""
-    rows = csv.DictReader((out / "csv" / "metrics.csv").open())
+    rows = csv.DictReader((out / CSV_FILE).open())
     return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
 
 

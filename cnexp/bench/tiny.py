@@ -18,9 +18,22 @@ import statistics
 import sys
 from pathlib import Path
 
-from cnexp.bench.common import (LEVERS, LR, PEER, ROOT, TOLERANCE, child_cmd, cnexp_losses,
-                                judge, measure, prepare_peer_inputs, ratio, run_child,
-                                run_directory)
+from cnexp.bench.common import (
+    LEVERS,
+    LR,
+    PEER,
+    ROOT,
+    TOLERANCE,
+    child_cmd,
+    cnexp_losses,
+    judge,
+    measure,
+    prepare_peer_inputs,
+    ratio,
+    run_child,
+    run_directory,
+)
+from cnexp.run.record import METRICS_FILE
 
 BATCH, N_TRAIN = 16, 256
 __all__ = ["LEVERS", "cnexp_cmd", "peer_cmd", "peer_losses", "run_tiny", "summarize"]
@@ -87,7 +100,7 @@ def default_run(out: Path, env: dict) -> dict:
     """The default experiment, unchanged: how much of its wall time evaluation takes."""
     wall, peak, _ = run_child([sys.executable, "run.py", f"hydra.run.dir={out}",
                           "trainer.enable_progress_bar=false"], env)
-    summary = json.loads((out / "metrics.json").read_text())
+    summary = json.loads((out / METRICS_FILE).read_text())
     row = {"trainer": "default run (python run.py)", "wall_s": round(wall, 1),
            "eval_s": summary["eval_seconds"], "eval_share": summary["eval_share"],
            "peak_rss_mib": round(peak)}

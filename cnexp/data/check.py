@@ -320,12 +320,7 @@ def check_splits(sources: dict, cfg, cache_dir: str | None = None) -> Checked:
     return checked
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m cnexp.data.check`: the report (cnexp/data/check_cli.py)."""
-    from cnexp.data.check_cli import main as run
+if __name__ == "__main__":  # `python -m cnexp.data.check`: the report (cnexp/data/check_cli.py)
+    from cnexp.data.check_cli import main
 
-    return run(argv)
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -11,7 +11,8 @@ from cnexp.data import check
 
 def compose(overrides: list[str]):
     """The config run.py would compose from `overrides` (paths.root: the working directory)."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
     from omegaconf import open_dict
 
     from cnexp.config import PROJECT_ROOT, register_configs
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the report for the data `python run.py <argv>` would train on; exit code 2 if a
     run would refuse it (as run.py exits on a user error), 0 otherwise."""
     from cnexp.data.caption_check import tokenizer_lines
-    from cnexp.data.datamodule import open_sources
+    from cnexp.data.layout import open_sources
     from cnexp.errors import CnexpError
     from cnexp.tinyworld.shapes import ensure_tiny_dataset
 

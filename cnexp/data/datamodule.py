@@ -20,7 +20,7 @@ from cnexp.config import DataConfig
 from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
-from cnexp.data.layout import SPLITS, get_layout
+from cnexp.data.layout import SPLITS, open_sources  # noqa: F401 - open_sources: read here
 from cnexp.data.resumable import ResumableShuffleSampler
 from cnexp.data.workers import resolve_workers
 from cnexp.knobs import Layout
@@ -30,19 +30,6 @@ log = logging.getLogger("cnexp")
 
 LAYOUTS = tuple(Layout)  # data.layout's choices
 SHOWN_BAD = 5  # skipped samples listed in the log
-
-
-def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
-    """Split name -> the layout's source, for the splits the data itself has (the layout's module
-    in cnexp/data/, registered: cnexp/data/layout.py)."""
-    layout = get_layout(cfg.layout)
-    style = str(getattr(cfg, "condition_style", "outline"))
-    if style not in layout.condition_styles:
-        raise DataError(f"data.condition_style={style} redraws the tiny world's conditions, "
-                        f"which data.layout={layout.name} cannot: use data.layout=fill50k on the "
-                        "generated tiny world, or data.condition_style=outline")
-    layout.check(cfg)
-    return layout.open_sources(cfg, cache_dir)
 
 
 class TriplesDataModule(L.LightningDataModule):
@@ -102,7 +89,7 @@ class TriplesDataModule(L.LightningDataModule):
     def _fit_to_splits(self) -> None:
         """data.batch_size and eval_size lowered to their split's size where they ask for more:
         said, and recorded in the config that config.yaml and W&B write (cnexp/validate.py;
-        cnexp.plan fits with the same function)."""
+        cnexp.launch.plan fits with the same function)."""
         from cnexp.validate import fit_to_splits
 
         sizes = {split: len(dataset) for split, dataset in self.datasets.items()}

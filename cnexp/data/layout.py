@@ -49,3 +49,16 @@ def get_layout(name: str) -> DataLayout:
     """The layout registered as `name`: a built-in one's module (the one that declares it) is
     imported here, on first use; an unknown name is one DataError listing the choices."""
     return LAYOUTS.get(name)
+
+
+def open_sources(cfg: DataConfig, cache_dir: str | None) -> dict:
+    """Split name -> the layout's source, for the splits the data itself has (the layout's module
+    in cnexp/data/, registered: cnexp/data/layout.py)."""
+    layout = get_layout(cfg.layout)
+    style = str(getattr(cfg, "condition_style", "outline"))
+    if style not in layout.condition_styles:
+        raise DataError(f"data.condition_style={style} redraws the tiny world's conditions, "
+                        f"which data.layout={layout.name} cannot: use data.layout=fill50k on the "
+                        "generated tiny world, or data.condition_style=outline")
+    layout.check(cfg)
+    return layout.open_sources(cfg, cache_dir)

@@ -1,5 +1,5 @@
 """Time a run's training step and its sampler's denoising step on this machine, from random
-data at the run's shapes, without data, caches or a Trainer (cnexp/plan.py's --time-steps)."""
+data at the run's shapes, without data, caches or a Trainer (cnexp/launch/plan.py's --time-steps)."""
 from __future__ import annotations
 
 import time
@@ -13,23 +13,13 @@ def time_steps(cfg: DictConfig, n: int, world: int = 1) -> tuple[float, float]:
     `n` steps of random data at the run's shapes (the batch of one of `world` devices) after one
     warm-up (trainer.compile's compile time falls in it). The encoders run each step (no cache),
     so the step time is an upper bound for a cached run."""
-    from cnexp.base import load_base
-    from cnexp.control import build_controlnet, get_branch
     from cnexp.device import resolve_device
-    from cnexp.module import ControlNetModule
-    from cnexp.precision import resolve_frozen_dtype, store_frozen
-    from cnexp.train import apply_speed_options
+    from cnexp.precision import resolve_frozen_dtype
+    from cnexp.train import build_model
 
     device = resolve_device(cfg.trainer)
     where = torch.device("cuda" if device.on_gpu else "cpu")
-    base = load_base(cfg.base)
-    controlnet = build_controlnet(base.unet, cfg.control)
-    apply_speed_options(cfg.trainer, base, controlnet)  # tf32, gradient checkpointing
-    store_frozen((base.unet, base.vae, base.text_encoder, controlnet),
-                 resolve_frozen_dtype(cfg.trainer))
-    module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed,
-                              compiled=cfg.trainer.compile,
-                              branch=get_branch(cfg.control.branch)).to(where)
+    module = build_model(cfg, resolve_frozen_dtype(cfg.trainer)).module.to(where)  # as a run
     module.train()
     optimizer = module.configure_optimizers()
     b, r = max(1, cfg.data.batch_size // world), cfg.data.resolution

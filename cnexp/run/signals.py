@@ -27,6 +27,7 @@ from typing import Optional
 import lightning as L
 
 from cnexp.cadence import host_reads_at
+from cnexp.run.record import LAST_CHECKPOINT
 
 log = logging.getLogger("cnexp")
 
@@ -106,7 +107,7 @@ class StopAtStepEnd(L.Callback):
 
     def __init__(self, signals: StopSignals, checkpoint_dir: Path):
         self.signals = signals
-        self.path = Path(checkpoint_dir) / "last.ckpt"
+        self.path = Path(checkpoint_dir) / LAST_CHECKPOINT
 
     def on_train_start(self, trainer, module) -> None:
         self.signals.install()  # Lightning registered its SIGTERM handler since: ours again

@@ -1,5 +1,5 @@
-"""What one job of a plan will do and what would stop it (cnexp/plan.py prints it): device and
-batch, the base, CLIP and data as the run would find them, evaluations, caches."""
+"""What one job of a plan will do and what would stop it (cnexp/launch/plan.py prints it):
+device and batch, the base, CLIP and data as the run would find them, evaluations, caches."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from cnexp.errors import CnexpError
-from cnexp.reach import locate, read_json
+from cnexp.launch.reach import locate, read_json
 
 BYTES = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
 

@@ -14,7 +14,7 @@ what it loads.
   `last.ckpt`), never `-v1`, whatever the directory held, and without Lightning's `=`
   (`epoch=0-step=12.ckpt`), which Hydra's override grammar refuses unquoted in
   `ckpt_path=<path>`. Older names still resume (by path, or as the newest of `checkpoints/`).
-- **The run's identity in every checkpoint** (cnexp/run_identity.py), whoever saves it.
+- **The run's identity in every checkpoint** (cnexp/run/identity.py), whoever saves it.
 - **One write per save.** The periodic checkpoint is written once (SafeCheckpointIO: a temporary
   file, fsync, rename) and `last.ckpt` becomes a hard link to it, made under a temporary name and
   renamed over `last.ckpt`, so `last.ckpt` is a whole checkpoint at every instant and the previous
@@ -36,14 +36,14 @@ from typing import Any, Optional
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from cnexp.reliability import CheckpointError
-from cnexp.run_identity import IDENTITY_KEY
+from cnexp.run.checkpoint_io import CheckpointError
+from cnexp.run.context import is_rank_zero
+from cnexp.run.identity import IDENTITY_KEY
+from cnexp.run.record import LAST_CHECKPOINT
 from cnexp.storage import storage_errors
-from cnexp.sweep import is_rank_zero
 
 log = logging.getLogger("cnexp")
 
-LAST_NAME = "last.ckpt"
 STATE_KEY = "ModelCheckpoint"  # one key, whatever the interval or directory
 PATH_FIELDS = ("best_model_path", "kth_best_model_path", "last_model_path")
 STEP_NAME = "step-{step:06d}"  # step-000012.ckpt: no '=' for Hydra's grammar, sorts by step
@@ -145,7 +145,7 @@ def read_step(path: Path) -> tuple[Optional[int], str]:
 def resume_checkpoint(directory: Path) -> Optional[Path]:
     """The newest intact checkpoint in `directory` (last.ckpt first among equals), None when the
     directory holds no checkpoint; CheckpointError when it holds only broken ones."""
-    last = directory / LAST_NAME
+    last = directory / LAST_CHECKPOINT
     files = sorted(directory.glob("*.ckpt"), key=lambda p: (p != last, p.name))
     if not files:
         return None

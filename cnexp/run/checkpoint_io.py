@@ -15,7 +15,6 @@ from cnexp.fileio import AtomicFile
 from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
 
-
 class CheckpointError(CnexpError):
     pass
 

@@ -1,5 +1,6 @@
 """Where a model is: a local directory, the Hugging Face cache, or only the hub (if the hub
-answers, as cnexp.base decides it). For checks made before a run loads anything (cnexp/plan.py)."""
+answers, as cnexp.base decides it). For checks made before a run loads anything
+(cnexp/launch/plan.py)."""
 from __future__ import annotations
 
 import json

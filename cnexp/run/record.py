@@ -11,25 +11,43 @@ resumed from) and `eval_seconds`/`fit_seconds` summed over every segment of a re
 4 adds `data_check` (the data check's counts: samples per split, duplicates and how they were
 handled, samples left out or refused; cnexp/data/check.py);
 5 adds `warm_start` (null, or the checkpoint a warm start took its weights from: `from`, `step`,
-`config_hash`, `changed` = knob -> [the checkpoint's, this run's]; cnexp/run_identity.py).
+`config_hash`, `changed` = knob -> [the checkpoint's, this run's]; cnexp/run/identity.py).
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
+import socket
+import sys
+import time
+import traceback
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Optional
 
 from cnexp.errors import CnexpError
-from cnexp.fileio import atomic_write_json
+from cnexp.fileio import atomic_write_json, write_small
+from cnexp.run.context import is_rank_zero
 
 RECORD_VERSION = 5
 METRICS_FILE = "metrics.json"
 STATUS_FILE = "status.json"
 ERROR_FILE = "error.txt"  # a failed run's traceback
+HISTORY_DIR = "history"  # earlier attempts' error.txt (archive_error)
+CONFIG_FILE = "config.yaml"  # the config as the run ended (.hydra/config.yaml: as it was asked)
+WANDB_ID_FILE = "wandb_run_id"  # one W&B run per run directory, continued on resume
+CSV_FILE = "csv/metrics.csv"  # the run log as a table (RunLog)
+CHECKPOINT_DIR = "checkpoints"
+HYDRA_AT_START = ".hydra_at_start"  # the run's .hydra/ as it first started (knobs a resume keeps)
+LOCK_FILE = "run.lock"  # held while a process runs in the directory (cnexp/run/dir.py)
+LAST_CHECKPOINT = "last.ckpt"  # a link to the newest checkpoint in CHECKPOINT_DIR
 # status.json's `status`: running, then one of the others; what each exit code means: run.py
 STATUSES = ("running", "ok", "failed", "preempted", "interrupted")
+
+
+log = logging.getLogger("cnexp")
 
 
 class RecordError(CnexpError):
@@ -178,3 +196,77 @@ def finished_run(run_dir: str | Path) -> bool:
         return status.get("status") == "ok" and bool(read_metrics(Path(run_dir) / METRICS_FILE))
     except RecordError:
         return False
+
+
+# ---- status.json and error.txt: a job's outcome -------------------------------------------
+def write_status(out_dir: Path, status: str, **fields: Any) -> None:
+    assert status in STATUSES, status
+    if not is_rank_zero():
+        return
+    if status != "failed":  # a new attempt: an earlier one's traceback is history, not its state
+        archive_error(Path(out_dir))
+    record = {"status": status, "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+              "epoch": round(time.time(), 1), "host": socket.gethostname(), "pid": os.getpid(),
+              **fields}
+    # a reader never sees half a file; on a full disk it is rewritten in its own blocks
+    why = write_small(Path(out_dir) / STATUS_FILE, json.dumps(record, indent=1) + "\n")
+    if why:  # bookkeeping must not turn a finished run into a failed one
+        log.warning("could not write %s: %s", Path(out_dir) / STATUS_FILE, why)
+
+
+def archive_error(out_dir: Path) -> Optional[Path]:
+    """Move an earlier attempt's error.txt to history/error-<time it was written>.txt; returns
+    where it went (None: there was none, or it could not be moved, which is said)."""
+    error = out_dir / ERROR_FILE
+    try:
+        written = time.strftime("%Y-%m-%dT%H-%M-%S", time.localtime(error.stat().st_mtime))
+    except FileNotFoundError:
+        return None
+    target = out_dir / HISTORY_DIR / f"error-{written}.txt"
+    count = 1
+    while target.exists():  # two failures in one second
+        count += 1
+        target = target.with_name(f"error-{written}-{count}.txt")
+    try:
+        target.parent.mkdir(exist_ok=True)
+        os.replace(error, target)
+    except OSError as err:  # e.g. a full disk: the new status still gets written
+        log.warning("could not move %s to %s: %s", error, target, err)
+        return None
+    return target
+
+
+def keep_finished_status(out_dir: Path) -> Optional[str]:
+    """status.json's text when `out_dir` holds a finished run (status ok, readable metrics.json),
+    for `restore_status` to put back when this start is refused before it changed anything."""
+    if not is_rank_zero() or not finished_run(out_dir):
+        return None
+    try:
+        return (Path(out_dir) / STATUS_FILE).read_text()
+    except OSError:
+        return None
+
+
+def restore_status(out_dir: Path, text: str) -> None:
+    """Put a finished run's status.json back byte for byte (see keep_finished_status)."""
+    why = write_small(Path(out_dir) / STATUS_FILE, text)
+    if why:
+        log.warning("could not restore %s: %s", Path(out_dir) / STATUS_FILE, why)
+
+
+def record_failure(out_dir: Path, err: BaseException, keep: Optional[str] = None) -> None:
+    """error.txt (traceback) + status.json; closes a W&B run the job left open so the next job
+    of the same process does not log into it. keep: a finished run's status.json text
+    (keep_finished_status) that a start refused before it changed anything puts back instead:
+    that run stays finished, and the log has the refusal."""
+    if keep is not None:
+        restore_status(out_dir, keep)
+    elif is_rank_zero():
+        why = write_small(out_dir / ERROR_FILE, "".join(traceback.format_exception(err)))
+        if why:  # e.g. the disk is full: the log (stderr) still has the error
+            log.warning("could not write %s: %s", out_dir / ERROR_FILE, why)
+        write_status(out_dir, "failed", error_type=type(err).__name__,
+                     error=str(err) or type(err).__name__)
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish(exit_code=1)

@@ -3,7 +3,7 @@
 `RunLog` keeps the training loss at every `trainer.log_every_n_steps`, the fit time of earlier
 segments, the steps a run was resumed from and where a warm start took its weights from; Lightning
 stores its `state_dict` in every checkpoint (`state_problem` says when one is not that shape:
-cnexp/run_identity.py refuses such a resume). Together with the evaluation history
+cnexp/run/identity.py refuses such a resume). Together with the evaluation history
 (EvaluationCallback's state) it is the whole record: a run killed after a checkpoint and
 resumed from it writes the same metrics.json and csv/metrics.csv as one that never stopped
 (timings aside). The CSV is rewritten whole from the record (at each evaluation, each checkpoint

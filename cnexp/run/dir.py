@@ -7,10 +7,10 @@ its files with the first's. The kernel drops the lock when its process dies howe
 file keeps the holder's pid and host, so the next run can say whose lock it takes over.
 A resume must train what the run trained. Hydra rewrites `.hydra/` at every start, so a fresh run
 keeps a copy as `.hydra_at_start/`; a resume with other knobs than those is refused, naming
-them (and so is one whose checkpoint's own knobs differ, from any path: cnexp/run_identity.py).
+them (and so is one whose checkpoint's own knobs differ, from any path: cnexp/run/identity.py).
 A refused start leaves the holder's directory byte for byte as it was, times included:
 what Hydra writes before any callback runs is snapshot earlier and put back
-(cnexp/rundir_snapshot.py).
+(cnexp/run/snapshot.py).
 """
 from __future__ import annotations
 
@@ -30,22 +30,24 @@ from omegaconf import DictConfig, OmegaConf
 from cnexp.errors import CnexpError
 from cnexp.fileio import LockUnsupported, atomic_write, file_lock
 from cnexp.fileio import acquire as acquire_lock
-from cnexp.record import METRICS_FILE
-from cnexp.rundir_snapshot import RunDirSnapshot
-from cnexp.slurm_job import slurm_launcher
-from cnexp.sweep import is_rank_zero
+from cnexp.run.context import is_rank_zero
+from cnexp.run.identity import config_knobs, knob_changes, run_knobs
+from cnexp.run.record import (
+    CHECKPOINT_DIR,
+    CONFIG_FILE,
+    HYDRA_AT_START,
+    LAST_CHECKPOINT,
+    LOCK_FILE,
+    METRICS_FILE,
+)
+from cnexp.run.resume import wanted_resume
+from cnexp.run.snapshot import RunDirSnapshot
 
 log = logging.getLogger("cnexp")
 
-LOCK_FILE = "run.lock"
-HYDRA_AT_START = ".hydra_at_start"
-LAST = Path("checkpoints") / "last.ckpt"
 RESUME_HINT = "ckpt_path=last (or ckpt_path=auto: resume if there is a checkpoint)"
-# what a resume may change: how long it trains and what it shows, not what a step computes
 RUN_DIR_FIX = ("give the run a directory on a local or lock-capable disk: python run.py "
                "hydra.run.dir=/path (a multirun: hydra.sweep.dir=/path)")
-RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "data.num_workers",
-                     "cache.fill_workers")
 
 
 class RunDirError(CnexpError):
@@ -108,53 +110,19 @@ def _holder(path: Path) -> str:
 
 def holds_a_run(run_dir: Path) -> Optional[str]:
     """What in `run_dir` shows an earlier run (its record or checkpoints), or None."""
-    for name in (METRICS_FILE, str(LAST)):
+    for name in (METRICS_FILE, f"{CHECKPOINT_DIR}/{LAST_CHECKPOINT}"):
         if (run_dir / name).exists():
             return name
-    ckpts = sorted((run_dir / "checkpoints").glob("*.ckpt"))
+    ckpts = sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"))
     return str(ckpts[0].relative_to(run_dir)) if ckpts else None
-
-
-def wanted_resume(ckpt_path: Optional[str]) -> Optional[str]:
-    """ckpt_path as given, except that a job SLURM requeued (SLURM_RESTART_COUNT > 0) without
-    one continues its run (`auto`) rather than being refused for starting over it, and so does
-    every job of the SLURM launcher (cnexp/slurm_job.py: a time limit never loses a run)."""
-    if ckpt_path is None and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0:
-        log.info("requeued SLURM job: ckpt_path=auto")
-        return "auto"
-    if ckpt_path is None and slurm_launcher() is not None:
-        return "auto"
-    return ckpt_path
-
-
-def resume_path(ckpt_path: Optional[str], run_dir: Path) -> Optional[str]:
-    """The checkpoint a run resumes from: `last` (must exist), `auto` (if it exists), a path.
-    `last` and `auto` take the newest intact checkpoint of the run's checkpoints/, saying so when
-    that is not last.ckpt (cnexp/checkpoints.py)."""
-    if ckpt_path not in ("last", "auto"):
-        return ckpt_path
-    from cnexp.checkpoints import resume_checkpoint  # torch: not at the Hydra callback's import
-
-    last = Path(run_dir) / LAST
-    found = resume_checkpoint(last.parent)
-    if found is not None:
-        return str(found)
-    if ckpt_path == "auto":
-        return None
-    raise RunDirError(
-        f"ckpt_path=last: there is no checkpoint to resume in {last.parent} (this run directory "
-        "never saved one). Point hydra.run.dir at the run to resume, use ckpt_path=auto to "
-        "resume only when a checkpoint exists, or leave ckpt_path out to start fresh")
 
 
 def changed_knobs(run_dir: Path, config: DictConfig) -> dict[str, tuple[Any, Any]]:
     """knob -> (the run's value, this resume's) for every knob a resume may not change; knobs
     the run's config does not have (added to cnexp since) keep their defaults and pass."""
-    # the comparison a checkpoint's identity gets (cnexp/run_identity.py), against the config
+    # the comparison a checkpoint's identity gets (cnexp/run/identity.py), against the config
     # the run kept when it started
-    from cnexp.run_identity import config_knobs, knob_changes, run_knobs
-
-    saved = Path(run_dir) / HYDRA_AT_START / "config.yaml"
+    saved = Path(run_dir) / HYDRA_AT_START / CONFIG_FILE
     if not saved.exists():
         return {}
     before = run_knobs(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))

@@ -1,6 +1,8 @@
-"""Under the SLURM launcher (hydra/launcher=slurm) the job's resources drive the run, so the two
-cannot disagree (docs/slurm.md, "The SLURM preset"):
+"""The job this process runs: its rank, whether it is one job of a multirun, the CPU threads
+it may use, the machine it ran on, and what the SLURM launcher decides for it.
 
+Under the SLURM launcher (hydra/launcher=slurm) the job's resources drive the run, so the two
+cannot disagree (docs/slurm.md, "The SLURM preset"):
 - `hydra.launcher.gpus_per_node` > 0: trainer.accelerator=gpu and trainer.devices=gpus_per_node,
   one rank per GPU (tasks_per_node follows gpus_per_node); 0: a CPU job.
 - `hydra.launcher.nodes` is trainer.num_nodes.
@@ -12,12 +14,58 @@ heavy, with one message naming both settings.
 """
 from __future__ import annotations
 
-from typing import Optional
+import logging
+import os
+from typing import Any, Optional
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
-from cnexp.sweep import _hydra, in_multirun
+
+log = logging.getLogger("cnexp")
+
+def _hydra() -> Optional[DictConfig]:
+    return HydraConfig.get() if HydraConfig.initialized() else None
+
+
+def in_multirun() -> bool:
+    hydra = _hydra()
+    return hydra is not None and hydra.mode == RunMode.MULTIRUN
+
+
+def is_rank_zero() -> bool:
+    """False in the other processes of a DDP job (Lightning's or SLURM's rank variables)."""
+    return all(int(os.environ.get(var, 0)) == 0 for var in ("RANK", "LOCAL_RANK", "SLURM_PROCID"))
+
+
+def machine_info() -> dict[str, Any]:
+    """What a job ran on, for the budget line of a report."""
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpus": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu}
+
+
+def split_threads() -> Optional[int]:
+    """Give each of a parallel launcher's jobs cores // n_jobs torch threads (joblib: n_jobs)."""
+    hydra = _hydra()
+    n_jobs = OmegaConf.select(hydra, "launcher.n_jobs") if hydra is not None else None
+    if not in_multirun() or not n_jobs:
+        return None
+    cores = machine_info()["cpus"]
+    if n_jobs < 0:  # joblib: -1 = one job per core, -2 = all but one, ...
+        n_jobs = max(1, cores + 1 + n_jobs)
+    import torch
+
+    threads = max(1, cores // n_jobs)
+    torch.set_num_threads(threads)
+    log.info("parallel sweep: %d jobs on %d cores -> %d torch thread(s) per job",
+             n_jobs, cores, threads)
+    return threads
+
 
 GPU_NAMES = ("gpu", "cuda")
 

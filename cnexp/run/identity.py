@@ -1,21 +1,13 @@
-"""A checkpoint carries its run, and a start decides here what it does with one.
+"""A checkpoint carries its run: what defines the run, and how a checkpoint's copy of it is read.
 
 Every checkpoint a run writes holds, under `cnexp`: the cnexp version, the checkpoint `schema`
 (this entry and the record states it carries: RunLog's losses, the evaluation history), the
-metrics.json `record_version`, and the run's knobs with their hash. A start compares them with its
-own knobs, wherever the checkpoint lies and whatever directory the run starts in:
+metrics.json `record_version`, and the run's knobs with their hash. cnexp/run/resume.py compares
+them with a start's own knobs (its docstring: every case).
 
-- no ckpt_path (or `auto` with none saved): a fresh run.
-- a file, `last` or `auto`, the same knobs: resume (step, optimizer and record continue).
-- a file, `last` or `auto`, other knobs: refused, one line naming each knob (run.py: exit 2).
-- a file and `warm_start=true`, any knobs: a warm start, the checkpoint's trained weights at
-  step 0 with a fresh optimizer and record; metrics.json's `warm_start` names the checkpoint.
-- the same, in a run directory that already holds its own checkpoints: resume those (a requeued
-  warm start continues rather than starting over).
-
-Not compared: what a resume may change (RESUME_MAY_CHANGE, cnexp/rundir.py), where a run lives
-(paths., logger., hydra.), how it started (ckpt_path, warm_start), and knobs the checkpoint lacks
-(added to cnexp since). Ablation and seed are compared.
+Not compared: what a resume may change (RESUME_MAY_CHANGE), where a run lives (paths., logger.,
+hydra.), how it started (ckpt_path, warm_start), and knobs the checkpoint lacks (added to cnexp
+since). Ablation and seed are compared.
 
 Schemas: 1 = no `cnexp` entry (cnexp up to d7c2d69), migrated by `migrate_schema_1` from the
 `.hydra_at_start/config.yaml` of the run directory that holds the checkpoint (refused without one,
@@ -27,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cnexp.errors import CnexpError
 from cnexp.overrides import NOT_KNOBS, flatten
-from cnexp.record import RECORD_VERSION
-from cnexp.rundir import HYDRA_AT_START, RESUME_MAY_CHANGE, resume_path, wanted_resume
+from cnexp.run.record import CONFIG_FILE, HYDRA_AT_START, RECORD_VERSION
 
 log = logging.getLogger("cnexp")
 
@@ -45,6 +35,9 @@ SCHEMA = 2  # 1: no IDENTITY_KEY (cnexp up to d7c2d69)
 LIGHTNING_VERSION_KEY = "pytorch-lightning_version"
 START_KNOBS = ("warm_start",)  # how a run started, like ckpt_path: not what it computes
 WARM_HINT = "start a new run from its weights with warm_start=true"
+# what a resume may change: how long it trains and what it shows, not what a step computes
+RESUME_MAY_CHANGE = ("trainer.max_steps", "trainer.enable_progress_bar", "data.num_workers",
+                     "cache.fill_workers")
 
 
 class RunIdentityError(CnexpError):
@@ -96,7 +89,7 @@ def run_identity(cfg: DictConfig) -> dict[str, Any]:
 def migrate_schema_1(path: Path) -> Optional[dict]:
     """A schema-1 checkpoint's identity, from the config its run kept when it started
     (<run>/.hydra_at_start/config.yaml beside <run>/checkpoints/); None without one."""
-    saved = Path(path).resolve().parent.parent / HYDRA_AT_START / "config.yaml"
+    saved = Path(path).resolve().parent.parent / HYDRA_AT_START / CONFIG_FILE
     if not saved.is_file():
         return None
     knobs = run_knobs(OmegaConf.to_container(OmegaConf.load(saved), resolve=False))
@@ -130,14 +123,13 @@ def saved_identity(path: str, checkpoint: dict, warm: bool) -> Optional[dict]:
 def record_problem(checkpoint: dict) -> Optional[str]:
     """What in the checkpoint's record states (RunLog, EvaluationCallback) is not the shape this
     cnexp writes, or None."""
-    from cnexp.metrics.callbacks import EvaluationCallback
-    from cnexp.runlog import RunLog
+    from cnexp.run.log import RunLog
 
     states = checkpoint.get("callbacks") or {}
     problem = RunLog.state_problem(states.get(RunLog.__qualname__))
     if problem:
         return f"RunLog's {problem}"
-    state = states.get(EvaluationCallback.__qualname__)
+    state = states.get("EvaluationCallback")  # cnexp/metrics/callbacks.py's state
     if state is None:
         return None
     missing = [k for k in ("history", "seconds", "last_step", "last_full_step") if k not in state]
@@ -150,68 +142,6 @@ def record_problem(checkpoint: dict) -> Optional[str]:
         if odd:
             return f"the evaluation history's row {i} has field '{odd[0]}' (not eval/...)"
     return None
-
-
-# ---- the start -------------------------------------------------------------------------------
-@dataclass
-class Start:
-    """How this run starts: resume from `resume`, or warm-start from `weights` (`warm` is the
-    origin metrics.json records), or fresh (all None)."""
-    resume: Optional[str] = None
-    warm: Optional[dict] = None
-    weights: Optional[dict] = None
-
-
-def read_checkpoint(path: str) -> dict:
-    """The checkpoint's pickle, its tensors memory-mapped (no gigabytes read)."""
-    from cnexp.checkpoints import load_mapped
-    from cnexp.reliability import CheckpointError
-
-    try:
-        checkpoint = load_mapped(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"ckpt_path '{path}' does not exist: use a .ckpt file from a run's "
-                              "checkpoints/ directory, or ckpt_path=last") from None
-    except Exception as err:  # noqa: BLE001 - whatever torch.load says, the file is unusable
-        first = (str(err).splitlines() or [""])[0].strip() or type(err).__name__
-        raise CheckpointError(f"ckpt_path '{path}' is not a readable checkpoint ({first})"
-                              ) from None
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
-        raise CheckpointError(f"ckpt_path '{path}' is not a Lightning checkpoint (no state_dict)")
-    return checkpoint
-
-
-def choose_start(cfg: DictConfig, out_dir: Path, identity: dict) -> Start:
-    """Resume, warm start or fresh start, per the table above; RunIdentityError or
-    CheckpointError (one line each) for a checkpoint this run may not take."""
-    warm = bool(cfg.get("warm_start", False))
-    if warm and cfg.ckpt_path in (None, "last", "auto"):
-        raise RunIdentityError(
-            f"warm_start=true starts from another run's weights: give that checkpoint as "
-            f"ckpt_path=<file> (got ckpt_path={cfg.ckpt_path}), or leave warm_start out")
-    wanted = wanted_resume(cfg.ckpt_path)
-    if warm and resume_path("auto", out_dir) is not None:
-        log.info("warm_start: %s already holds this run's checkpoints; resuming them", out_dir)
-        wanted, warm = "last", False
-    path = resume_path(wanted, out_dir)
-    if path is None:
-        return Start()
-    checkpoint = read_checkpoint(path)
-    saved = saved_identity(path, checkpoint, warm)
-    changes = knob_changes(saved["knobs"], identity["knobs"]) if saved else {}
-    if warm:
-        return Start(weights=checkpoint["state_dict"], warm={
-            "from": str(Path(path).resolve()), "step": checkpoint.get("global_step"),
-            "config_hash": saved and saved["config_hash"],
-            "changed": {k: [old, new] for k, (old, new) in changes.items()}})
-    check_resumable(path, checkpoint, saved)
-    if changes:
-        listed = ", ".join(f"{k}={new} (the checkpoint has {old})"
-                           for k, (old, new) in changes.items())
-        raise RunIdentityError(
-            f"ckpt_path '{path}' was written by a run with other knobs: {listed}. A resume must "
-            f"compute what the run started computing: drop those overrides, or {WARM_HINT}")
-    return Start(resume=path)
 
 
 def check_resumable(path: str, checkpoint: dict, saved: dict) -> None:
@@ -227,13 +157,3 @@ def check_resumable(path: str, checkpoint: dict, saved: dict) -> None:
             f"ckpt_path '{path}': {problem} ({have}); this cnexp resumes the record it writes, "
             f"checkpoint schemas 1 to {SCHEMA}: resume from a checkpoint as the run wrote it, "
             f"or {WARM_HINT}")
-
-
-def load_warm_weights(module, start: Start) -> None:
-    """The warm start's trained weights into `module`, refused where the architecture differs."""
-    from cnexp.reliability import check_state_dict, saved_shapes
-
-    check_state_dict(start.warm["from"], start.weights, saved_shapes(module))
-    module.load_state_dict(start.weights, strict=False)  # the frozen base is not in it
-    log.info("warm start from %s (step %s): its weights, a fresh optimizer and record",
-             start.warm["from"], start.warm["step"])
