@@ -16,33 +16,10 @@ from omegaconf import MISSING, OmegaConf
 
 from cnexp.data.workers import WHY as WORKERS_WHY
 from cnexp.data.workers import valid_setting as valid_workers
-from cnexp.knobs import (
-    DEVICES,
-    LEARNING_RATE,
-    NON_NEGATIVE,
-    POSITIVE,
-    PROBABILITY,
-    SEED,
-    AdapterType,
-    Branch,
-    CacheStore,
-    ConditionStyle,
-    Connector,
-    ConnectorInit,
-    Crop,
-    Duplicates,
-    Family,
-    Fidelity,
-    FrozenDtype,
-    InitScope,
-    Layout,
-    LoggerMode,
-    MetricName,
-    OnNonFinite,
-    PromptSetting,
-    Scheduler,
-    in_range,
-)
+from cnexp.knobs import (DEVICES, LEARNING_RATE, NON_NEGATIVE, POSITIVE, PROBABILITY, SEED,
+                         AdapterType, Branch, CacheStore, ConditionStyle, Connector, ConnectorInit,
+                         Crop, Duplicates, Family, Fidelity, FrozenDtype, InitScope, Layout,
+                         LoggerMode, MetricName, OnNonFinite, PromptSetting, Scheduler, in_range)
 
 
 @dataclass

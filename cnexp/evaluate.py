@@ -41,17 +41,8 @@ from cnexp.config import TrainConfig
 from cnexp.errors import CnexpError
 from cnexp.fileio import atomic_write, atomic_write_json
 from cnexp.overrides import flatten
-from cnexp.run.record import (
-    CONFIG_FILE,
-    ERROR_FILE,
-    METRICS_FILE,
-    STATUS_FILE,
-    RecordError,
-    finished_run,
-    read_metrics,
-    read_status,
-    write_metrics,
-)
+from cnexp.run.record import (CONFIG_FILE, ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError,
+                              finished_run, read_metrics, read_status, write_metrics)
 
 log = logging.getLogger("cnexp")
 EVALUATION_SECTIONS = ("eval.", "sampling.")

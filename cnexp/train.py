@@ -37,14 +37,8 @@ from cnexp.run.context import apply_slurm_resources, is_rank_zero
 from cnexp.run.identity import run_identity
 from cnexp.run.log import RunLog
 from cnexp.run.naming import wandb_identity
-from cnexp.run.record import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    CSV_FILE,
-    WANDB_ID_FILE,
-    RunMetrics,
-    write_metrics,
-)
+from cnexp.run.record import (CHECKPOINT_DIR, CONFIG_FILE, CSV_FILE, WANDB_ID_FILE, RunMetrics,
+                              write_metrics)
 from cnexp.run.resume import Start, decide_start, load_warm_weights
 from cnexp.run.signals import StopAtStepEnd, StopSignals
 from cnexp.validate import validate

@@ -5,18 +5,8 @@ import pytest
 from scipy import stats
 from test_compare import fake_run
 
-from cnexp.analysis.claims import (
-    NOT_RUN,
-    NOT_SHOWN,
-    OPPOSITE,
-    REPRODUCED,
-    Claim,
-    ClaimsError,
-    detectable_effect,
-    judge_claim,
-    load_claims,
-    seeds_needed,
-)
+from cnexp.analysis.claims import (NOT_RUN, NOT_SHOWN, OPPOSITE, REPRODUCED, Claim, ClaimsError,
+                                   detectable_effect, judge_claim, load_claims, seeds_needed)
 from cnexp.analysis.compare import main
 from cnexp.analysis.runs import OK, RunRecord
 

@@ -20,15 +20,8 @@ from typing import Optional
 
 from cnexp.analysis import plots
 from cnexp.analysis.claims import ClaimsError, judge_claims, load_claims, write_claims_csv
-from cnexp.analysis.report import (
-    SETTING_ORDER,
-    _setting_rank,
-    baseline_of,
-    lower_is_better,
-    markdown,
-    write_runs_csv,
-    write_summary_csv,
-)
+from cnexp.analysis.report import (SETTING_ORDER, _setting_rank, baseline_of, lower_is_better,
+                                   markdown, write_runs_csv, write_summary_csv)
 from cnexp.analysis.runs import OK, RunRecord, is_metric, load_sweep, load_wandb
 from cnexp.analysis.stats import Estimate, mean_ci, paired_difference
 from cnexp.run.record import METRICS_FILE

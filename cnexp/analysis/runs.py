@@ -18,16 +18,8 @@ from typing import Any, Iterable, Optional
 import yaml
 
 from cnexp.overrides import JOB_DIR_NAME, NOT_KNOBS, sweep_overrides
-from cnexp.run.record import (
-    CONFIG_FILE,
-    ERROR_FILE,
-    METRICS_FILE,
-    STATUS_FILE,
-    RecordError,
-    RunMetrics,
-    read_metrics,
-    read_status,
-)
+from cnexp.run.record import (CONFIG_FILE, ERROR_FILE, METRICS_FILE, STATUS_FILE, RecordError,
+                              RunMetrics, read_metrics, read_status)
 
 # broken: a record that is not what a run writes (truncated, edited, another program's file);
 # unreadable: a directory without .hydra/ and config.yaml, whose ablation and knobs are unknown;

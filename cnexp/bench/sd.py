@@ -22,26 +22,10 @@ from pathlib import Path
 import torch
 
 from cnexp.bench import flops
-from cnexp.bench.common import (
-    LEVERS,
-    LR,
-    PEER,
-    TOLERANCE,
-    child_cmd,
-    judge,
-    measure,
-    prepare_peer_inputs,
-    ratio,
-    run_child,
-    run_directory,
-)
-from cnexp.bench.sd_shapes import (
-    SHAPES,
-    build_bundle,
-    parameter_counts,
-    scaled_configs,
-    write_triples,
-)
+from cnexp.bench.common import (LEVERS, LR, PEER, TOLERANCE, child_cmd, judge, measure,
+                                prepare_peer_inputs, ratio, run_child, run_directory)
+from cnexp.bench.sd_shapes import (SHAPES, build_bundle, parameter_counts, scaled_configs,
+                                   write_triples)
 from cnexp.run.record import CSV_FILE
 
 LOG_EVERY = 10  # cnexp's loss is recorded (and read from the device) every 10 steps

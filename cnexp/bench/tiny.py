@@ -18,21 +18,8 @@ import statistics
 import sys
 from pathlib import Path
 
-from cnexp.bench.common import (
-    LEVERS,
-    LR,
-    PEER,
-    ROOT,
-    TOLERANCE,
-    child_cmd,
-    cnexp_losses,
-    judge,
-    measure,
-    prepare_peer_inputs,
-    ratio,
-    run_child,
-    run_directory,
-)
+from cnexp.bench.common import (LEVERS, LR, PEER, ROOT, TOLERANCE, child_cmd, cnexp_losses, judge,
+                                measure, prepare_peer_inputs, ratio, run_child, run_directory)
 from cnexp.run.record import METRICS_FILE
 
 BATCH, N_TRAIN = 16, 256

@@ -32,14 +32,8 @@ from cnexp.fileio import LockUnsupported, atomic_write, file_lock
 from cnexp.fileio import acquire as acquire_lock
 from cnexp.run.context import is_rank_zero
 from cnexp.run.identity import config_knobs, knob_changes, run_knobs
-from cnexp.run.record import (
-    CHECKPOINT_DIR,
-    CONFIG_FILE,
-    HYDRA_AT_START,
-    LAST_CHECKPOINT,
-    LOCK_FILE,
-    METRICS_FILE,
-)
+from cnexp.run.record import (CHECKPOINT_DIR, CONFIG_FILE, HYDRA_AT_START, LAST_CHECKPOINT,
+                              LOCK_FILE, METRICS_FILE)
 from cnexp.run.resume import wanted_resume
 from cnexp.run.snapshot import RunDirSnapshot
 

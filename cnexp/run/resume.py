@@ -36,13 +36,8 @@ from omegaconf import DictConfig
 
 from cnexp.errors import CnexpError
 from cnexp.run.context import slurm_launcher
-from cnexp.run.identity import (
-    WARM_HINT,
-    RunIdentityError,
-    check_resumable,
-    knob_changes,
-    saved_identity,
-)
+from cnexp.run.identity import (WARM_HINT, RunIdentityError, check_resumable, knob_changes,
+                                saved_identity)
 from cnexp.run.record import CHECKPOINT_DIR, LAST_CHECKPOINT, finished_run
 
 log = logging.getLogger("cnexp")
