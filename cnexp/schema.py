@@ -6,7 +6,7 @@ it, and the run trains the default in silence. Two checks close that door, both 
 knob ("did you mean control.connector?"):
 
 - `unknown_knobs(cfg)`: the composed config (cnexp/validate.py runs it, so the run and
-  `cnexp.launch.plan` refuse the same keys);
+  `cnexp.plan` refuse the same keys);
 - `check_command_line(argv)`: run.py's command line before Hydra composes it, so cnexp's message
   comes before Hydra's `use +...` hint, and a `+`-added key stops before a run directory exists.
 
@@ -146,7 +146,7 @@ def command_line_unknowns(overrides: list[str]) -> list[tuple[str, bool]]:
 
 
 def check_overrides(overrides: list[str]) -> None:
-    """Refuse the first override of an unknown key (cnexp.launch.plan: one refusal, exit code 2)."""
+    """Refuse the first override of an unknown key (cnexp.plan: one refusal, exit code 2)."""
     for message, _ in command_line_unknowns(overrides):
         raise ConfigError(message)
 

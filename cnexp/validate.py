@@ -1,6 +1,6 @@
 """Checks of a composed config that its types cannot express, each naming the override that
 fixes it: keys the schema lacks (cnexp/schema.py), the ranges declared beside the fields
-(cnexp/knobs.py), then combinations of knobs. The run (cnexp/train.py) and `cnexp.launch.plan` call the
+(cnexp/knobs.py), then combinations of knobs. The run (cnexp/train.py) and `cnexp.plan` call the
 same functions here, so the plan refuses, warns about and records what the run would: `validate`,
 `config_warnings`, and `fit_to_splits` once the data's split sizes are known."""
 from __future__ import annotations
@@ -24,7 +24,7 @@ log = logging.getLogger("cnexp")
 
 def validate(cfg: DictConfig, warn: bool = True) -> None:
     """Raise a ConfigError for the first thing that cannot run; `warn`: log what runs but not as
-    asked (`config_warnings`; cnexp.launch.plan prints them itself)."""
+    asked (`config_warnings`; cnexp.plan prints them itself)."""
     unknown = unknown_knobs(cfg)  # a +-added key would otherwise be carried along unread
     if unknown:
         raise ConfigError("\n".join(unknown))
@@ -83,7 +83,7 @@ def fit_to_splits(data_cfg: Any, sizes: dict[str, int]) -> list[str]:
     """Lower data.batch_size and data.eval_size to the samples of their split (`sizes`: split ->
     count) where they ask for more, in `data_cfg` itself, so that config.yaml records what ran;
     a warning for each. A small data set still trains and evaluates (tests/test_silent_data.py);
-    the data module's setup (the run) and cnexp.launch.plan both fit with this function."""
+    the data module's setup (the run) and cnexp.plan both fit with this function."""
     warnings = []
     for knob, (split, more, does) in SPLIT_OF.items():
         asked, available = getattr(data_cfg, knob), sizes[split]

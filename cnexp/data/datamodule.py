@@ -89,7 +89,7 @@ class TriplesDataModule(L.LightningDataModule):
     def _fit_to_splits(self) -> None:
         """data.batch_size and eval_size lowered to their split's size where they ask for more:
         said, and recorded in the config that config.yaml and W&B write (cnexp/validate.py;
-        cnexp.launch.plan fits with the same function)."""
+        cnexp.plan fits with the same function)."""
         from cnexp.validate import fit_to_splits
 
         sizes = {split: len(dataset) for split, dataset in self.datasets.items()}
