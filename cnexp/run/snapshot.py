@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from cnexp.run.record import CONFIG_FILE
+
 SMALL = 1 << 20  # files kept whole; a longer one (a long log) is only ever appended to: cut back
 
 
@@ -45,7 +47,7 @@ class RunDirSnapshot:
                  lock_name: str):
         self.run_dir = Path(run_dir)
         self.hydra_dir = self.run_dir / hydra_subdir if hydra_subdir else None
-        hydra_files = ([self.hydra_dir / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")]
+        hydra_files = ([self.hydra_dir / n for n in (CONFIG_FILE, "hydra.yaml", "overrides.yaml")]
                        if self.hydra_dir else [])
         self.own = hydra_files  # Hydra rewrites these whether or not the holder is alive
         self.held = [self.run_dir / lock_name] + ([self.run_dir / log_name] if log_name else [])
