@@ -3,9 +3,10 @@ PYTHON ?= python
 .PHONY: setup run test test-fast tinyworld
 
 setup: .cnexp-setup
-# constraints.txt: this machine's exact torch build; the package itself declares only ranges
+# constraints.txt: this machine's exact torch build; the package itself declares only ranges.
+# --root-user-action: pip's warning about installing as root (CI, containers) is not cnexp's.
 .cnexp-setup: pyproject.toml constraints.txt
-	$(PYTHON) -m pip install -q -c constraints.txt -e '.[dev]'
+	$(PYTHON) -m pip install -q --root-user-action=ignore -c constraints.txt -e '.[dev]'
 	$(PYTHON) -c "import cnexp, controlnet_aux, diffusers, lightning, hydra"  # a broken install fails here; cnexp first hides controlnet-aux's import warnings
 	touch $@
 

@@ -1,6 +1,6 @@
 """Reading a sweep's overrides and a run's knobs, and a job's name: shared by the training side
-(job names, W&B tags: cnexp/launch/sweep.py) and the analysis side (which knobs a sweep varied, a job's
-ablation and seed from its directory's name: cnexp/analysis/)."""
+(job names, W&B tags: cnexp/run/naming.py) and the analysis side (which knobs a sweep varied, a
+job's ablation and seed from its directory's name: cnexp/analysis/)."""
 from __future__ import annotations
 
 import functools
