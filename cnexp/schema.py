@@ -33,14 +33,17 @@ CONF = PROJECT_ROOT / "conf"
 
 @functools.lru_cache(maxsize=None)
 def _sections(schema: type) -> dict[str, Optional[type]]:
-    """field name -> its dataclass (a section), dict (free keys below) or None (a value)."""
+    """field name -> its dataclass (a section), dict (free keys below), list (items by index
+    below: eval.prompt_settings.0) or None (a value)."""
     hints = typing.get_type_hints(schema)
     kinds = {}
     for f in dataclasses.fields(schema):
         kind = hints[f.name]
+        while typing.get_origin(kind) is typing.Union:  # Optional[X]: X
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
         origin = typing.get_origin(kind) or kind
         kinds[f.name] = kind if dataclasses.is_dataclass(kind) else \
-            dict if origin is dict else None
+            dict if origin is dict else list if origin is list else None
     return kinds
 
 
@@ -60,6 +63,9 @@ def is_knob(key: str) -> bool:
     """`key` names a knob, a section, or a key under a dict knob."""
     schema: Any = TrainConfig
     for part in key.split("."):
+        if schema is list and part.isdigit():  # an item of a list knob, as Hydra allows
+            schema = None
+            continue
         if not dataclasses.is_dataclass(schema):
             return schema is dict  # below a dict knob: free; below a value: no such key
         kinds = _sections(schema)
@@ -77,6 +83,8 @@ def nearest_knobs(key: str) -> list[str]:
     for knob in knob_names():
         by_leaf.setdefault(knob.rpartition(".")[2], []).append(knob)
     siblings = [k.rpartition(".")[2] for k in knob_names() if k.rpartition(".")[0] == section]
+    if leaf in by_leaf and leaf not in siblings:  # the right name in another section
+        return by_leaf[leaf][:2]
     close = difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.6)
     if close:
         return [f"{section}.{close[0]}" if section else close[0]]
@@ -93,7 +101,14 @@ def not_a_knob(key: str, value: Any = None) -> str:
     else:
         section = key.rpartition(".")[0]
         siblings = [k for k in knob_names() if k.rpartition(".")[0] == section]
-        fix = f"the knobs of {section or 'the top level'} are: {', '.join(siblings)}"
+        if siblings:
+            fix = f"the knobs of {section or 'the top level'} are: {', '.join(siblings)}"
+        else:  # the section itself is unknown: the nearest one
+            sections = sorted({k.rpartition(".")[0] for k in knob_names()} - {""} |
+                              {k for k in knob_names() if is_knob(k + ".x")})  # dict knobs
+            near_section = difflib.get_close_matches(section, sections, n=1, cutoff=0.6)
+            fix = (f"{section} is no section either (the nearest: {near_section[0]})"
+                   if near_section else f"{section} is no section of cnexp's config")
     return (f"{key} is not a knob: {fix}. cnexp/config.py declares every knob; a leading + "
             "adds none (docs/configuration.md)")
 

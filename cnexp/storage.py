@@ -133,8 +133,10 @@ class SpaceReserve:
     def __init__(self, directory: str | Path, size: int = RESERVE_BYTES):
         self.path = Path(directory) / RESERVE_FILE
         self.size = size
+        self.held = False  # only the process that holds it gives it up (DDP: rank zero)
 
     def hold(self) -> "SpaceReserve":
+        self.held = True
         try:
             with open(self.path, "wb") as f:
                 f.write(os.urandom(self.size))  # random: a compressing file system keeps it all
@@ -145,5 +147,8 @@ class SpaceReserve:
         return self
 
     def release(self) -> None:
+        if not self.held:  # another process's (a DDP rank that is not zero)
+            return
+        self.held = False
         with contextlib.suppress(OSError):
             self.path.unlink(missing_ok=True)

@@ -165,3 +165,22 @@ def test_more_cpu_processes_than_cores_are_said_by_plan_and_run(capsys, monkeypa
     code, _, err = plan(capsys, *DDP_CPU, "trainer.devices=4", "data.batch_size=4",
                         f"data.root={tmp_path / 'data'}")
     assert code == 0 and said in err and "set trainer.devices=2 or fewer" in err
+
+
+def test_an_item_of_a_list_knob_is_a_key_hydra_takes():
+    from cnexp.schema import command_line_unknowns, is_knob
+
+    assert is_knob("eval.prompt_settings.0")
+    assert command_line_unknowns(["eval.prompt_settings.0=none"]) == []
+    assert not is_knob("eval.prompt_settings.first")
+
+
+def test_the_nearest_knob_prefers_the_right_name_in_another_section():
+    from cnexp.schema import not_a_knob
+
+    assert "did you mean data.eval_size?" in not_a_knob("eval.eval_size", 8)
+    assert "did you mean control.connector?" in not_a_knob("control.conector", "cross_norm")
+    message = not_a_knob("data.annotator_param.low", 50)  # a misspelt dict knob
+    assert "data.annotator_param is no section either (the nearest: data.annotator_params)" \
+        in message
+

@@ -3,6 +3,7 @@ sample that was a training sample re-saved as JPEG q90, or resized by one pixel,
 check ("0 across splits", verdict ok) and trained; only pixel-identical copies were caught."""
 import io
 import json
+import logging
 
 import pytest
 from PIL import Image
@@ -10,6 +11,7 @@ from PIL import Image
 from cnexp.config import DataConfig
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.data.images import DataError
+from cnexp.data.splits import keep_families_together
 from cnexp.tinyworld.shapes import scene_at
 
 
@@ -64,12 +66,22 @@ def test_resaved_and_resized_copies_across_given_splits_stop_naming_the_pairs(tm
     assert "data.duplicates=drop" in message and "near_duplicate_distance=null" in message
 
 
-def test_drop_keeps_the_held_out_copy_and_leaves_the_training_one_out(tmp_path):
-    data = setup(given_splits(tmp_path), duplicates="drop")
+def test_drop_keeps_the_held_out_copy_and_leaves_the_training_one_out(tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="cnexp"):
+        data = setup(given_splits(tmp_path), duplicates="drop")
     train = data.datasets["train"]
     assert len(train) == 10 and not {2, 5} & set(train.indices)
     assert len(data.datasets["val"]) == 3 and len(data.datasets["test"]) == 3
     assert data.data_check["near_duplicates_across_splits"] == 2
+    # said, and counted as dropped duplicates (not as unusable samples left out)
+    assert "left out 2 training sample(s) that are near-duplicates of held-out ones" in caplog.text
+    assert data.data_check["duplicates_dropped"] == 2 and data.data_check["left_out"] == 0
+
+
+def test_a_near_duplicate_family_moves_whole_and_nothing_else_moves():
+    cut = {"train": [0, 1, 2, 5, 6], "val": [3, 7], "test": [4]}
+    moved = keep_families_together(cut, [[0], [1, 3], [2], [4, 6], [5], [7]])
+    assert moved == {"train": [0, 1, 2, 3, 5], "val": [7], "test": [4, 6]}
 
 
 def test_null_distance_checks_exact_copies_only(tmp_path):

@@ -26,9 +26,10 @@ from types import SimpleNamespace
 from omegaconf import DictConfig, OmegaConf
 
 from cnexp.data.images import DataError
-from cnexp.data.near_duplicates import across_sources, leak_message, merge, near_pairs
+from cnexp.data.near_duplicates import (across_sources, drop_message, leak_message, merge,
+                                         near_pairs)
 from cnexp.data.scan import Facts, describe_modes, scan
-from cnexp.data.splits import split_groups, too_small
+from cnexp.data.splits import keep_families_together, split_groups, too_small
 
 log = logging.getLogger("cnexp")
 
@@ -105,9 +106,14 @@ class DataCheck:
                 near_pairs([f.look for f in self.facts[id(train)]], cfg.near_duplicate_distance))
         joined = merge(list(groups.values()), near)  # near-duplicates on one side too
         self.near_joined = len(groups) - len(joined)
-        cut = split_groups(joined, cfg.split_seed,
+        # the cut by exact content, as without the near-duplicate check (the same seed gives
+        # the same split); then each near-duplicate family moves whole to its first member's
+        # side, so only those samples move
+        cut = split_groups(list(groups.values()), cfg.split_seed,
                            cfg.val_fraction if "val" in self.missing else 0.0,
                            cfg.test_fraction if "test" in self.missing else 0.0)
+        if self.near_joined:
+            cut = keep_families_together(cut, joined)
         if not cut["train"]:  # refused in decide(), with whatever else is wrong
             distinct = len(joined) < len(train)
             self.too_small = str(too_small(cfg.root, len(joined), self.missing,
@@ -200,9 +206,12 @@ class DataCheck:
         distance = self.cfg.near_duplicate_distance
         self.near_across = ([] if distance is None else across_sources(
             usable, self.fact, lambda e: self.sources[e[0]], distance))
+        near_dropped = 0
         if self.near_across and self.cfg.duplicates == "drop":  # a held-out copy is kept
-            left_out.update(max(p[:2], key=lambda e: KEEP_FIRST.index(e[0]))
-                            for p in self.near_across)
+            training = {max(p[:2], key=lambda e: KEEP_FIRST.index(e[0])) for p in self.near_across}
+            left_out.update(training)
+            near_dropped = len(training)
+            out.warnings.append(drop_message(self.near_across, self.fact, distance, near_dropped))
         elif self.near_across:
             out.refusals.append(leak_message(self.near_across, self.fact, distance))
         seen: dict = {}
@@ -214,7 +223,7 @@ class DataCheck:
                 if first != entry:
                     self.repeats.append((entry, first))
         if not self.groups:
-            return 0
+            return near_dropped
 
         def pairs(groups) -> str:
             return "; ".join(" = ".join(self.fact(e).name for e in g[:2]) for g in groups[:3])
@@ -227,7 +236,7 @@ class DataCheck:
                                 f"(data.duplicates=drop; {len(self.groups)} group(s) of "
                                 "identical condition and target, one copy of each kept); e.g. "
                                 f"{pairs(self.groups)}")
-            return self.copies
+            return self.copies + near_dropped
         if self.repeats:
             out.refusals.append(f"{len(self.repeats)} entr(y/ies) repeat an earlier one exactly "
                                 f"(the same files, the same captions), e.g. {pairs(self.repeats)}"
@@ -246,7 +255,7 @@ class DataCheck:
                                 f"condition and target ({len(self.groups)} group(s), each kept "
                                 "on one side of the split; data.duplicates=drop keeps one copy "
                                 f"of each); e.g. {pairs(self.groups)}")
-        return 0
+        return near_dropped
 
     def _warn_unusual(self, usable: list, out: Checked, left_out: set) -> None:
         kept, res = [e for e in usable if e not in left_out], self.cfg.resolution

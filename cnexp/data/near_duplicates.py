@@ -109,8 +109,8 @@ def near_pairs(looks: list[str], max_distance: int,
             if len(cand) == 0:
                 continue
             dist = _distances(hashes, row, cand)
-            pairs += [(known[row], known[c], int(d)) for c, d in zip(cand, dist)
-                      if d <= max_distance]
+            close = dist <= max_distance  # filtered in numpy: a crowded bucket is n^2 / 2 pairs
+            pairs += [(known[row], known[c], int(d)) for c, d in zip(cand[close], dist[close])]
     return sorted(pairs)
 
 
@@ -160,3 +160,12 @@ def leak_message(pairs: list[tuple], fact, max_distance: int, shown: int = 3) ->
             f"generalisation; e.g. {named}{more}. Fix: remove one side's copy, or set "
             "data.duplicates=drop (the held-out copy is kept, the training copy left out); "
             "data.near_duplicate_distance=null checks exact copies only")
+
+
+def drop_message(pairs: list[tuple], fact, max_distance: int, dropped: int,
+                 shown: int = 3) -> str:
+    """The warning for data.duplicates=drop over near-duplicates across given splits."""
+    named = "; ".join(f"{fact(a).name} ~ {fact(b).name} ({d} bits)" for a, b, d in pairs[:shown])
+    return (f"data: left out {dropped} training sample(s) that are near-duplicates of held-out "
+            f"ones ({len(pairs)} pair(s) within data.near_duplicate_distance={max_distance} of "
+            f"256 bits; data.duplicates=drop keeps the held-out copy); e.g. {named}")

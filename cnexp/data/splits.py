@@ -32,6 +32,18 @@ def split_groups(groups: list[list[int]], seed: int, val_fraction: float,
     return {split: sorted(i for g in chosen for i in groups[g]) for split, chosen in cut.items()}
 
 
+def keep_families_together(cut: dict[str, list[int]], families: list[list[int]]
+                           ) -> dict[str, list[int]]:
+    """`cut` with each family (near-duplicates: cnexp/data/near_duplicates.py) moved whole to the
+    split of its lowest member; every other sample stays where it was."""
+    side = {i: split for split, members in cut.items() for i in members}
+    for family in families:
+        home = side[min(family)]
+        for i in family:
+            side[i] = home
+    return {split: sorted(i for i, s in side.items() if s == split) for split in cut}
+
+
 def too_small(root: str, n: int, missing: list[str], unit: str = "sample") -> DataError:
     """The message for a root with fewer samples (or content groups) than splits to cut."""
     cuts = " and a ".join("validation" if s == "val" else s for s in missing)

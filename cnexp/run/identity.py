@@ -146,7 +146,7 @@ def record_problem(checkpoint: dict) -> Optional[str]:
 
 def check_resumable(path: str, checkpoint: dict, saved: dict) -> None:
     """Lightning's version key (its own migrations need it) and the record's shape."""
-    have = f"checkpoint schema {saved['schema']}, cnexp {saved['cnexp_version']}"
+    have = f"checkpoint schema {saved['schema']}, cnexp {saved.get('cnexp_version', '?')}"
     if not isinstance(checkpoint.get(LIGHTNING_VERSION_KEY), str):
         raise RunIdentityError(
             f"ckpt_path '{path}' has no '{LIGHTNING_VERSION_KEY}' ({have}): Lightning cannot "

@@ -19,7 +19,8 @@ from omegaconf import DictConfig
 
 from cnexp.errors import CnexpError
 from cnexp.run.context import in_multirun, is_rank_zero, machine_info, split_threads
-from cnexp.run.record import ERROR_FILE, keep_finished_status, record_failure, write_status
+from cnexp.run.record import (ERROR_FILE, keep_finished_status, record_failure, restore_status,
+                              write_status)
 from cnexp.run.resume import finished_already
 from cnexp.run.signals import RunStopped, StopSignals
 from cnexp.storage import SpaceReserve, StorageError, as_storage_error
@@ -47,7 +48,7 @@ def run_job(cfg: DictConfig, out_dir: Path, train: Callable | None = None) -> No
             reserve.hold()
         train(cfg, signals)
     except RunStopped as stop:
-        stopped(out_dir, stop, signals)
+        stopped(out_dir, stop, signals, finished)
     except Exception as err:  # recorded in the job's directory, then reported
         reserve.release()  # its blocks let the record below be written on a full disk
         if failed(out_dir, err, finished if signals.phase == "setup" else None):
@@ -60,12 +61,17 @@ def run_job(cfg: DictConfig, out_dir: Path, train: Callable | None = None) -> No
     write_status(out_dir, "ok", seconds=round(time.time() - started, 1), **machine_info())
 
 
-def stopped(out_dir: Path, stop: RunStopped, signals: StopSignals) -> None:
-    """Pre-empted or interrupted: its last.ckpt is saved; say how to resume, exit its code."""
+def stopped(out_dir: Path, stop: RunStopped, signals: StopSignals, finished: str | None) -> None:
+    """Pre-empted or interrupted: its last.ckpt is saved; say how to resume, exit its code.
+    `finished`: a finished run's status.json, put back when the stop saved nothing new (its
+    record on disk is still the finished run's)."""
     resume = f"python run.py hydra.run.dir={out_dir} ckpt_path=last"
-    write_status(out_dir, stop.reason, signal=stop.signal_name, step=stop.step,
-                 checkpoint=str(stop.checkpoint) if stop.checkpoint else None,
-                 resume=resume, exit_code=stop.exit_code)
+    if finished is not None and stop.checkpoint is None:  # nothing ran: the run is finished
+        restore_status(out_dir, finished)
+    else:
+        write_status(out_dir, stop.reason, signal=stop.signal_name, step=stop.step,
+                     checkpoint=str(stop.checkpoint) if stop.checkpoint else None,
+                     resume=resume, exit_code=stop.exit_code)
     log.warning("%s; resume: %s", stop, resume)
     signals.chain()  # a cluster's own handler (submitit's requeue) runs after the save
     sys.exit(stop.exit_code)
@@ -81,7 +87,7 @@ def failed(out_dir: Path, err: Exception, finished: str | None) -> bool:
         logging.raiseExceptions = False  # "--- Logging error ---" traceback per line
     record_failure(out_dir, err, keep=finished)
     user_error = isinstance(err, CnexpError)  # a user-fixable problem: the message suffices
-    if in_multirun():  # the other jobs go on; the sweep summary lists this one
+    if in_multirun() and is_rank_zero():  # the other jobs go on; the sweep summary lists it
         log.error("job failed: %s (details: %s)", err, out_dir / ERROR_FILE,
                   exc_info=not user_error)
         return False

@@ -133,7 +133,7 @@ def decide_start(cfg: DictConfig, out_dir: Path, identity: dict) -> Start:
     if warm:
         return Start(weights=checkpoint["state_dict"], warm={
             "from": str(Path(path).resolve()), "step": checkpoint.get("global_step"),
-            "config_hash": saved and saved["config_hash"],
+            "config_hash": saved and saved.get("config_hash"),
             "changed": {k: [old, new] for k, (old, new) in changes.items()}})
     check_resumable(path, checkpoint, saved)
     if changes:
