@@ -184,3 +184,14 @@ def test_the_nearest_knob_prefers_the_right_name_in_another_section():
     assert "data.annotator_param is no section either (the nearest: data.annotator_params)" \
         in message
 
+
+
+def test_the_plan_counts_devices_given_as_ids():
+    from omegaconf import OmegaConf
+
+    from cnexp.launch.plan_checks import world_size
+
+    def world(devices):
+        return world_size(OmegaConf.create({"trainer": {"devices": devices, "num_nodes": 1}}))
+
+    assert [world("0,1"), world([0, 1, 2]), world(4), world("auto")] == [2, 3, 4, 1]

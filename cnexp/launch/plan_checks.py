@@ -115,8 +115,14 @@ def _open_data(cfg: DictConfig, plan: Plan) -> Optional[dict]:
 # ---- what the run will do ------------------------------------------------------------------------
 def world_size(cfg: DictConfig) -> int:
     devices = cfg.trainer.devices
-    count = len(devices) if OmegaConf.is_list(devices) else devices if isinstance(devices, int) \
-        else 1  # "auto": Lightning's choice, one per visible device; shown as 1
+    if OmegaConf.is_list(devices):
+        count = len(devices)
+    elif isinstance(devices, int):
+        count = devices
+    elif isinstance(devices, str) and devices != "auto":  # "0,1": device ids, as Lightning reads
+        count = len([d for d in devices.split(",") if d.strip()])
+    else:
+        count = 1  # "auto": Lightning's choice, one per visible device; shown as 1
     return count * cfg.trainer.num_nodes
 
 
