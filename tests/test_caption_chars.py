@@ -70,6 +70,13 @@ def test_emoji_are_reported_like_unknown_words(tiny_tokenizer):
     assert "write the word instead" in message and "base=sd15" in message
 
 
+def test_a_lone_latin_1_letter_is_reported_though_its_byte_token_exists(tiny_tokenizer):
+    # '²' is also the byte encoder's character for 0xB2, so '²</w>' is in the vocabulary; the
+    # character itself is two UTF-8 bytes and tokenizes to two pieces
+    found = caption_warnings(tiny_tokenizer, ["a red circle 2²", "a red circle"])
+    assert len(found) == 1 and "'²' (1 caption, split into Â ²)" in found[0], found
+
+
 def test_emoji_warning_reaches_the_run_log_once(tmp_path, tiny_tokenizer, caplog):
     root = write_fill50k(tmp_path / "d", [scene_at(0, k).caption() + " 🎉" for k in range(4)])
     with caplog.at_level(logging.WARNING, logger="cnexp"):

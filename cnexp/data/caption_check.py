@@ -34,9 +34,13 @@ def _unknown_words(tokenizer, captions: list[str]) -> str | None:
     if len(vocab) >= FULL_CLIP_VOCABULARY:
         return None
     uses: Counter = Counter()  # unknown word -> captions using it
+    known: dict[str, bool] = {}  # a word the tokenizer keeps whole, tokenized once
     affected = 0
     for caption in captions:
-        unknown = {w for w in WORD.findall(caption.lower()) if w + "</w>" not in vocab}
+        words = set(WORD.findall(caption.lower()))
+        for w in words - known.keys():  # one token, not vocab membership: a lone Latin-1
+            known[w] = tokenizer.tokenize(w) == [w + "</w>"]  # letter is two byte pieces
+        unknown = {w for w in words if not known[w]}
         uses.update(unknown)
         affected += bool(unknown)
     if not uses:
