@@ -35,12 +35,15 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow,
                                  reason="needs assets/tinyworld")]
 
 SIZES = {"train": 40, "val": 8, "test": 8}
-STEPS = 6
+# long enough that SIGUSR2, sent once the first checkpoint is seen (polled every 0.5 s, then
+# squeue and scancel), lands before the last step even on a fast CPU (6 steps took 1.6 s on an
+# AVX-512 EPYC and the signal came after the run had finished)
+STEPS = 24
 RUN = [f"data.train_size={SIZES['train']}", f"data.val_size={SIZES['val']}",
        f"data.test_size={SIZES['test']}", "data.batch_size=4", "data.eval_size=4",
        f"trainer.max_steps={STEPS}", "trainer.log_every_n_steps=1",
        "trainer.checkpoint_every_n_steps=1", "trainer.enable_progress_bar=false",
-       "eval.every_n_steps=3", "eval.curve_images=2", "eval.prompt_settings=[conflicting,perfect]",
+       "eval.every_n_steps=8", "eval.curve_images=2", "eval.prompt_settings=[conflicting,perfect]",
        "eval.fid=false", "eval.clip_score=false", "sampling.steps=2", "logger.mode=disabled",
        "ckpt_path=auto"]  # what a requeued job needs: resume if there is a checkpoint
 # conf/local/slurm.yaml's job: what a cluster's local file says, given on the command line so a
