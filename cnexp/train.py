@@ -183,13 +183,14 @@ def build_run(cfg: DictConfig, signals: StopSignals | None = None) -> Run:
                      lambda: evaluation.history)
     run_log.warm_start = start.warm  # a resume's checkpoint restores the run's own
     trainer = build_trainer(cfg, device, model.module, identity, out_dir, signals, loggers,
-                            [damage, evaluation, run_log])
+                            evaluation, [damage, evaluation, run_log])
     return Run(cfg, out_dir, started, start, model, data, evaluation, damage, run_log, loggers,
                trainer)
 
 
 def build_trainer(cfg: DictConfig, device, module, identity: dict, out_dir: Path,
-                  signals: StopSignals | None, loggers: list, record: list) -> L.Trainer:
+                  signals: StopSignals | None, loggers: list, evaluation: EvaluationCallback,
+                  record: list) -> L.Trainer:
     """Lightning's Trainer with the run's callbacks: `record` (base damage, evaluation, run log)
     first, then checkpoints, the non-finite guard, the stop at a step's end and the bar."""
     ckpt_dir = out_dir / CHECKPOINT_DIR
@@ -198,7 +199,6 @@ def build_trainer(cfg: DictConfig, device, module, identity: dict, out_dir: Path
     guards = [NonFiniteGuard(cfg.trainer.on_nonfinite, ckpt_dir, cfg.trainer.gradient_clip_val)]
     # after the evaluation and the record in each step, so a stop saves both
     stop = [StopAtStepEnd(signals, ckpt_dir)] if signals is not None else []
-    evaluation = record[1]
     bar = [StepProgressBar(lambda: evaluation.seconds)] if cfg.trainer.enable_progress_bar else []
     return L.Trainer(
         max_steps=cfg.trainer.max_steps, accelerator=device.accelerator,

@@ -29,24 +29,37 @@ def _pieces(tokenizer, word: str) -> list[str]:
     return [p.replace("</w>", "") for p in tokenizer.tokenize(word)]
 
 
+def _garbled(tokenizer, captions: list[str], units) -> tuple[int, Counter, dict]:
+    """(captions affected, unit -> captions using it, unit -> its pieces) for the units of each
+    caption (`units(caption)`: its words, or its characters outside words) that the tokenizer
+    cannot keep as one token; each unit is tokenized once."""
+    pieces: dict[str, list[str]] = {}
+    uses: Counter = Counter()
+    affected = 0
+    for caption in captions:
+        found = set()
+        for unit in units(caption):
+            if unit not in pieces:
+                pieces[unit] = _pieces(tokenizer, unit)
+            if len(pieces[unit]) > 1:
+                found.add(unit)
+        uses.update(found)
+        affected += bool(found)
+    return affected, uses, pieces
+
+
 def _unknown_words(tokenizer, captions: list[str]) -> str | None:
+    """Words the tokenizer splits (one token each, not vocabulary membership: a lone Latin-1
+    letter such as ² has a byte token of its own look but is two UTF-8 byte pieces)."""
     vocab = tokenizer.get_vocab()
     if len(vocab) >= FULL_CLIP_VOCABULARY:
         return None
-    uses: Counter = Counter()  # unknown word -> captions using it
-    known: dict[str, bool] = {}  # a word the tokenizer keeps whole, tokenized once
-    affected = 0
-    for caption in captions:
-        words = set(WORD.findall(caption.lower()))
-        for w in words - known.keys():  # one token, not vocab membership: a lone Latin-1
-            known[w] = tokenizer.tokenize(w) == [w + "</w>"]  # letter is two byte pieces
-        unknown = {w for w in words if not known[w]}
-        uses.update(unknown)
-        affected += bool(unknown)
+    affected, uses, pieces = _garbled(tokenizer, captions,
+                                      lambda caption: set(WORD.findall(caption.lower())))
     if not uses:
         return None
-    shown = ", ".join(f"'{w}' ({n} caption{'s' * (n > 1)}, split into "
-                      f"{' '.join(_pieces(tokenizer, w))})" for w, n in uses.most_common(SHOWN))
+    shown = ", ".join(f"'{w}' ({n} caption{'s' * (n > 1)}, split into {' '.join(pieces[w])})"
+                      for w, n in uses.most_common(SHOWN))
     return (f"captions: {affected} of {len(captions)} captions use {len(uses)} word(s) the base's "
             f"tokenizer does not know (its vocabulary has {len(vocab)} entries); it splits them "
             f"into pieces its text encoder never learned as words: {shown}"
@@ -62,22 +75,12 @@ def _unrepresented(tokenizer, captions: list[str]) -> str | None:
     unit is one token."""
     if len(tokenizer.get_vocab()) >= FULL_CLIP_VOCABULARY:
         return None
-    cost = {}  # character -> its pieces, tokenized once
-    uses: Counter = Counter()  # character -> captions using it
-    affected = 0
-    for caption in captions:
-        found = set()
-        for char in set(NOT_WORD.sub("", caption)):
-            if char not in cost:
-                cost[char] = _pieces(tokenizer, char)
-            if len(cost[char]) > 1:
-                found.add(char)
-        uses.update(found)
-        affected += bool(found)
+    affected, uses, pieces = _garbled(tokenizer, captions,
+                                      lambda caption: set(NOT_WORD.sub("", caption)))
     if not uses:
         return None
-    shown = ", ".join(f"'{c}' ({n} caption{'s' * (n > 1)}, {len(cost[c])} byte pieces "
-                      f"{' '.join(cost[c])})" for c, n in uses.most_common(SHOWN))
+    shown = ", ".join(f"'{c}' ({n} caption{'s' * (n > 1)}, {len(pieces[c])} byte pieces "
+                      f"{' '.join(pieces[c])})" for c, n in uses.most_common(SHOWN))
     return (f"captions: {affected} of {len(captions)} captions use {len(uses)} character(s) the "
             f"base's tokenizer cannot represent (emoji, symbols): it spells each as UTF-8 byte "
             f"pieces, no word its text encoder learned: {shown}"

@@ -20,7 +20,7 @@ from cnexp.config import DataConfig
 from cnexp.data.cache import ConditionCache
 from cnexp.data.dataset import TriplesDataset
 from cnexp.data.images import DataError
-from cnexp.data.layout import SPLITS, open_sources  # noqa: F401 - open_sources: read here
+from cnexp.data.layout import SPLITS, open_sources
 from cnexp.data.resumable import ResumableShuffleSampler
 from cnexp.data.workers import resolve_workers
 from cnexp.knobs import Layout

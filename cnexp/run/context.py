@@ -26,6 +26,7 @@ from cnexp.errors import CnexpError
 
 log = logging.getLogger("cnexp")
 
+
 def _hydra() -> Optional[DictConfig]:
     return HydraConfig.get() if HydraConfig.initialized() else None
 
