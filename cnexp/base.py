@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from typing import TYPE_CHECKING
@@ -26,8 +26,11 @@ class BaseModelUnavailable(CnexpError):
 
 @dataclass
 class BaseBundle:
-    """The frozen parts of a Stable Diffusion-style pipeline, plus its training noise schedule;
-    `family` (cnexp/families/) says how they are used."""
+    """The frozen parts of a diffusion pipeline, plus its training noise schedule; `family`
+    (cnexp/families/) says how they are used. `unet` is the denoiser whatever its kind (SD3's
+    and Flux's transformer too: checkpoint keys and the branches' signatures name it so);
+    `extra` holds the components past the first text encoder (text_encoder_2, tokenizer_2, ...)
+    under the names diffusers' pipelines give them."""
     vae: AutoencoderKL
     text_encoder: CLIPTextModel
     tokenizer: CLIPTokenizer
@@ -35,6 +38,7 @@ class BaseBundle:
     noise_scheduler: DDPMScheduler
     source: str
     family: str = "sd"
+    extra: dict = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:

@@ -31,6 +31,9 @@ class BaseConfig:
     revision: Optional[str] = None
     variant: Optional[str] = None  # e.g. "fp16" weights on the hub
     clip_model: Optional[str] = None  # CLIP-score model (hub id or directory)
+    # true: base.pretrained is built on first use as a random bundle of the family's tiny shape
+    # (base=tiny_sdxl|tiny_sd3|tiny_flux: offline tests of every family)
+    random_bundle: bool = False
     # its native size: data.resolution's default (conf/base/*.yaml)
     resolution: int = field(default=512, metadata=POSITIVE)
 

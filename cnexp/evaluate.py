@@ -134,7 +134,7 @@ def why_unusable(run_dir: Path) -> str:
 def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     """Evaluate one finished run under `overrides` into out_dir; returns the new final row."""
     from cnexp.base import load_base
-    from cnexp.control import get_branch
+    from cnexp.families.family import get_family
     from cnexp.data.datamodule import TriplesDataModule
     from cnexp.metrics.callbacks import build_evaluation
     from cnexp.module import ControlNetModule
@@ -158,7 +158,7 @@ def evaluate_run(run_dir: Path, out_dir: Path, overrides: list[str]) -> dict:
     base = load_base(cfg.base)
     if (run_dir / "unet").is_dir():  # control.sd_locked=false: the decoder trained too
         base.unet = type(base.unet).from_pretrained(run_dir / "unet")
-    branch = get_branch(cfg.control.branch)
+    branch = get_family(base.family).branch(cfg.control.branch)
     controlnet = branch.load(run_dir / "controlnet")
     module = ControlNetModule(base, controlnet, cfg.optim, seed=cfg.seed, branch=branch).eval()
     data = TriplesDataModule(cfg.data, seed=cfg.seed, tokenizer=base.tokenizer,

@@ -109,7 +109,9 @@ class ControlNetModule(L.LightningModule):
         training=True (the diffusion loss) runs the compiled forward under trainer.compile."""
         compiled = training and self.compiled_predict is not None
         predict = self.compiled_predict if compiled else self.branch.predict
-        return predict(self.unet, self.controlnet, noisy, t, text, condition, conditioning_scale)
+        cond = self.family.conditioning(self.base, text, noisy)  # the denoiser's text inputs
+        control = self.family.control_input(self.base, condition)  # pixels, or their latents
+        return predict(self.unet, self.controlnet, noisy, t, cond, control, conditioning_scale)
 
     def step_generator(self) -> torch.Generator:
         """Noise, timesteps and prompt dropout come from (seed, step) alone, so a resumed run

@@ -19,8 +19,8 @@ SAMPLERS = {"ddim": DDIMScheduler, "unipc": UniPCMultistepScheduler,
 
 
 def make_scheduler(module, cfg: SamplingConfig):
-    """A new sampling.scheduler over the base's noise schedule (schedulers keep state)."""
-    return SAMPLERS[cfg.scheduler].from_config(module.noise_scheduler.config)
+    """A new sampling.scheduler over the base's noise schedule, as its family samples."""
+    return module.family.sampling_scheduler(module.base, cfg.scheduler)
 
 
 def make_pipeline(module, cfg: SamplingConfig, progress: bool = True) -> DiffusionPipeline:
@@ -40,7 +40,7 @@ def generate(pipe: DiffusionPipeline, conditions: torch.Tensor, prompts: list[st
     Image i starts from noise seeded `cfg.seed + first_index + i`, so the same evaluation
     sample gets the same initial noise in every run, whatever the batch size.
     """
-    device = pipe.unet.device
+    device = pipe.device
     generators = [torch.Generator(device).manual_seed(cfg.seed + first_index + i)
                   for i in range(len(prompts))]
     control_inputs = pipe.cnexp_branch.sampling_inputs(pipe, conditions.to(device),

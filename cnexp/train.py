@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from cnexp.base import BaseBundle, load_base
-from cnexp.control import Branch, build_controlnet, get_branch
+from cnexp.control import Branch, build_controlnet
 from cnexp.control.base_damage import BaseDamageCallback
 from cnexp.data.datamodule import TriplesDataModule
 from cnexp.device import describe, resolve_device
@@ -91,8 +91,9 @@ def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
     if cache_cfg.store == "memory" or not (cache_cfg.latents or cache_cfg.text):
         return FrozenEncoderCache(**kwargs)
     # the base's part of the disk key: the encoders' weights (content, dtype) and tokenizer
-    base_key = {"vae": weights_digest(base.vae), "text_encoder": weights_digest(base.text_encoder),
-                "tokenizer": tokenizer_digest(base.tokenizer)}
+    base_key = {name: tokenizer_digest(part) if name.startswith("tokenizer")
+                else weights_digest(part)
+                for name, part in get_family(base.family).encoders(base).items()}
     root = cache_cfg.dir or str(Path(cache_root) / "encoders")
     return DiskEncoderCache(root, base_key, **kwargs)
 
@@ -113,9 +114,9 @@ def build_model(cfg: DictConfig, frozen_dtype: torch.dtype,
     """The base, the control branch on it and the module, as a run trains them (cnexp.plan's
     step timing builds the same)."""
     base = load_base(cfg.base)
-    branch = get_branch(cfg.control.branch)
     family = get_family(base.family)
-    controlnet = build_controlnet(family.denoiser(base), cfg.control)
+    branch = family.branch(cfg.control.branch)
+    controlnet = build_controlnet(family.denoiser(base), cfg.control, branch)
     apply_speed_options(cfg.trainer, base, controlnet)
     # the copy then starts from the base as stored, so step 0's copy drift is exactly 0
     store_frozen((*family.frozen(base), controlnet), frozen_dtype,

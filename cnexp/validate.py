@@ -44,10 +44,12 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
     output_dir = OmegaConf.select(cfg, "paths.output_dir", throw_on_resolution_failure=False)
     if output_dir is not None:
         check_writable(output_dir, "paths.output_dir")
-    from cnexp.control.branch import get_branch  # heavy (diffusers): only when a run starts
+    from cnexp.families.family import get_family  # heavy (diffusers): only when a run starts
     from cnexp.precision import resolve_frozen_dtype
 
-    get_branch(cfg.control.branch).check(cfg.control)
+    family = get_family(OmegaConf.select(cfg, "base.family"))
+    family.check(cfg.control)
+    family.branch(cfg.control.branch).check(cfg.control)
     resolve_frozen_dtype(cfg.trainer)  # an unknown dtype, or half without mixed precision
     from cnexp.run.context import is_rank_zero
 

@@ -24,13 +24,15 @@ from cnexp.errors import ConfigError
 DECODER_PARTS = ("up_blocks", "conv_norm_out", "conv_out")  # authors: output_blocks + out
 
 
-def build_controlnet(unet: UNet2DConditionModel, cfg: ControlConfig) -> ModelMixin:
-    """The control branch `cfg` describes, trainable, its connectors initialised.
+def build_controlnet(unet: UNet2DConditionModel, cfg: ControlConfig,
+                     branch: Branch | None = None) -> ModelMixin:
+    """The control branch `cfg` describes (`branch`: as the base's family builds it; default
+    the registered one), trainable, its connectors initialised.
 
     Also applies the authors' switches that act on the base: with `sd_locked=false` the UNet
     decoder becomes trainable (every other base parameter stays frozen).
     """
-    branch = get_branch(cfg.branch)
+    branch = branch or get_branch(cfg.branch)
     branch.check(cfg)
     cross_norm = getattr(cfg, "connector", "conv") == "cross_norm"  # absent in older configs
     if cross_norm and cfg.connector_init == "zero":

@@ -46,10 +46,12 @@ class Branch:
         return control.controlnet_cond_embedding.conv_out
 
     def predict(self, unet: UNet2DConditionModel, control: nn.Module, noisy: torch.Tensor,
-                t: torch.Tensor, text: torch.Tensor, condition: torch.Tensor,
+                t: torch.Tensor, cond: dict | torch.Tensor, condition: torch.Tensor,
                 conditioning_scale: float = 1.0) -> torch.Tensor:
         """The frozen UNet steered by the branch: noisy latents (B, C, h, w), timesteps (B,),
-        text (B, T, D), condition (B, 3, H, W) -> the UNet's prediction (B, C, h, w)."""
+        the denoiser's conditioning `cond` (its family's `conditioning`: keyword arguments; a
+        bare (B, T, D) tensor is the text), condition (B, 3, H, W) -> the UNet's prediction
+        (B, C, h, w)."""
         raise NotImplementedError
 
     def pipeline(self, unet: UNet2DConditionModel, control: nn.Module,
@@ -103,6 +105,11 @@ class Branch:
 BRANCHES: Registry[Branch] = Registry("control branch", "control.branch", "cnexp.control",
                                      CONTROL_PACKAGE, ConfigError)
 register = BRANCHES.register
+
+
+def conditioning_kwargs(cond: dict | torch.Tensor) -> dict:
+    """A branch's `cond`: the family's keyword arguments, or a bare text tensor (SD's only one)."""
+    return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}
 
 
 def get_branch(name: str) -> Branch:

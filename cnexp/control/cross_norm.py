@@ -48,9 +48,10 @@ class _EncoderDone(Exception):
 
 @torch.compiler.disable  # trainer.compile: hooks that stop the UNet early stay eager
 @torch.no_grad()
-def skip_features(unet: UNet2DConditionModel, sample, timestep, text):
+def skip_features(unet: UNet2DConditionModel, sample, timestep, text, **cond):
     """The frozen UNet's own skip-connection features (in the order ControlNetModel returns its
-    down residuals) and its middle-block output, for these inputs."""
+    down residuals) and its middle-block output, for these inputs (`cond`: SDXL's
+    added_cond_kwargs)."""
     features: list[torch.Tensor] = []
 
     def stop(module, inputs, output):
@@ -62,7 +63,7 @@ def skip_features(unet: UNet2DConditionModel, sample, timestep, text):
               for block in unet.down_blocks]
     hooks.append(unet.mid_block.register_forward_hook(stop))
     try:
-        unet(sample, timestep, encoder_hidden_states=text)
+        unet(sample, timestep, encoder_hidden_states=text, **cond)
     except _EncoderDone:
         pass
     finally:
@@ -121,7 +122,9 @@ class CrossNormControl(ModelMixin, ConfigMixin):
         down, mid = self.network(sample, timestep, encoder_hidden_states=encoder_hidden_states,
                                  controlnet_cond=controlnet_cond, conditioning_scale=1.0,
                                  guess_mode=guess_mode, return_dict=False, **kwargs)
-        ref_down, ref_mid = skip_features(self._unet[0], sample, timestep, encoder_hidden_states)
+        extra = {k: kwargs[k] for k in ("added_cond_kwargs",) if kwargs.get(k) is not None}
+        ref_down, ref_mid = skip_features(self._unet[0], sample, timestep, encoder_hidden_states,
+                                          **extra)
         residuals = [cross_normalize(r, f, s) * (on * conditioning_scale) for r, f, s, on
                      in zip([*down, mid], [*ref_down, ref_mid], self.scales, self.active)]
         down, mid = tuple(residuals[:-1]), residuals[-1]

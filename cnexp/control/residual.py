@@ -15,7 +15,7 @@ from pathlib import Path
 from diffusers import ControlNetModel, MultiControlNetModel, StableDiffusionControlNetPipeline
 from torch import nn
 
-from cnexp.control.branch import Branch
+from cnexp.control.branch import Branch, conditioning_kwargs
 from cnexp.control.cross_norm import CrossNormControl, load_scales
 
 
@@ -36,16 +36,19 @@ class ResidualBranch(Branch):
     def hint_conv(self, control: nn.Module) -> nn.Conv2d:
         return super().hint_conv(network(control))
 
-    def predict(self, unet, control, noisy, t, text, condition, conditioning_scale=1.0):
-        down, mid = control(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
-                            conditioning_scale=conditioning_scale, return_dict=False)
-        return unet(noisy, t, encoder_hidden_states=text, down_block_additional_residuals=down,
-                    mid_block_additional_residual=mid).sample
+    def predict(self, unet, control, noisy, t, cond, condition, conditioning_scale=1.0):
+        cond = conditioning_kwargs(cond)  # SDXL's adds added_cond_kwargs to the text
+        down, mid = control(noisy, t, controlnet_cond=condition,
+                            conditioning_scale=conditioning_scale, return_dict=False, **cond)
+        return unet(noisy, t, down_block_additional_residuals=down,
+                    mid_block_additional_residual=mid, **cond).sample
 
-    def pipeline(self, unet, control, **parts) -> StableDiffusionControlNetPipeline:
+    def pipeline(self, unet, control, pipeline_class=StableDiffusionControlNetPipeline,
+                 **parts) -> StableDiffusionControlNetPipeline:
+        """`pipeline_class`: the family's ControlNet pipeline (SDXL's for SDXL)."""
         if not isinstance(control, ControlNetModel):
             control = MultiControlNetModel([control]).train(control.training)
-        return StableDiffusionControlNetPipeline(unet=unet, controlnet=control, **parts)
+        return pipeline_class(unet=unet, controlnet=control, **parts)
 
     def sampling_inputs(self, pipe, conditions, conditioning_scale):
         if isinstance(pipe.controlnet, MultiControlNetModel):

@@ -38,7 +38,7 @@ from diffusers import StableDiffusionAdapterPipeline, T2IAdapter
 from torch import nn
 
 from cnexp.config import ControlConfig
-from cnexp.control.branch import Branch, register
+from cnexp.control.branch import Branch, conditioning_kwargs, register
 from cnexp.control.cross_norm import CrossNormControl, cross_normalize, load_scales, unwrap
 from cnexp.errors import ConfigError
 
@@ -89,13 +89,14 @@ class T2IAdapterBranch(Branch):
         return inner.body[0].in_conv if control.config.adapter_type == "light_adapter" \
             else inner.conv_in
 
-    def predict(self, unet, control, noisy, t, text, condition, conditioning_scale=1.0):
+    def predict(self, unet, control, noisy, t, cond, condition, conditioning_scale=1.0):
+        cond = conditioning_kwargs(cond)
         if isinstance(control, CrossNormAdapter):  # the scale multiplies the normalised feature
             with control.normalising(unet, conditioning_scale):
-                return unet(noisy, t, encoder_hidden_states=text,
+                return unet(noisy, t, **cond,
                             down_intrablock_additional_residuals=control(condition)).sample
         features = [f * conditioning_scale for f in control(condition)]  # (B, C_k, h_k, w_k)
-        return unet(noisy, t, encoder_hidden_states=text,
+        return unet(noisy, t, **cond,
                     down_intrablock_additional_residuals=features).sample
 
     def pipeline(self, unet, control, **parts) -> StableDiffusionAdapterPipeline:

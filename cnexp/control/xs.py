@@ -31,7 +31,7 @@ from diffusers.utils import logging as diffusers_logging
 from torch import nn
 
 from cnexp.config import ControlConfig
-from cnexp.control.branch import Branch, register
+from cnexp.control.branch import Branch, conditioning_kwargs, register
 from cnexp.control.cross_norm import CrossNormControl, cross_normalize, load_scales, unwrap
 from cnexp.errors import CnexpError, ConfigError
 from cnexp.fileio import atomic_write_json
@@ -58,8 +58,9 @@ class XSBranch(Branch):
     def down_connectors(self, control: nn.Module) -> list[nn.Conv2d]:
         raise ConfigError("control.branch=xs has no skip-connection residuals")  # see check()
 
-    def predict(self, unet, control, noisy, t, text, condition, conditioning_scale=1.0):
-        return control(noisy, t, encoder_hidden_states=text, controlnet_cond=condition,
+    def predict(self, unet, control, noisy, t, cond, condition, conditioning_scale=1.0):
+        cond = conditioning_kwargs(cond)
+        return control(noisy, t, **cond, controlnet_cond=condition,
                        conditioning_scale=conditioning_scale, return_dict=False)[0]
 
     def pipeline(self, unet, control, **parts) -> StableDiffusionControlNetXSPipeline:

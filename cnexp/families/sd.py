@@ -10,9 +10,10 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from cnexp.base import BaseBundle, unavailable, use_local_cache
+from cnexp.base import BaseBundle
 from cnexp.config import BaseConfig
 from cnexp.families.family import BaseFamily, register
+from cnexp.families.loading import freeze, load_parts
 
 
 @register
@@ -20,38 +21,12 @@ class StableDiffusionFamily(BaseFamily):
     name = "sd"
 
     def load(self, cfg: BaseConfig) -> BaseBundle:
-        source = cfg.pretrained
-        local = Path(source).expanduser()
-        if local.is_dir():
-            if not (local / "model_index.json").exists():
-                raise unavailable(source, "the directory has no model_index.json, so it is not "
-                                  "a diffusers pipeline bundle")
-            source = str(local)
-        elif local.is_absolute() or source.startswith((".", "~")) or source.count("/") != 1:
-            raise unavailable(source, "no such directory, and it is not a hub id of the form "
-                              "owner/name")
-        kwargs = {"revision": cfg.revision,
-                  "local_files_only": local.is_dir() or use_local_cache(source, cfg.revision)}
-        try:
-            unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet",
-                                                        variant=cfg.variant, **kwargs)
-            vae = AutoencoderKL.from_pretrained(source, subfolder="vae", variant=cfg.variant,
-                                                **kwargs)
-            text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder",
-                                                         **kwargs)
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **kwargs)
-            noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler",
-                                                            **kwargs)
-        except (OSError, ValueError) as err:  # hub unreachable, gated, missing files
-            hint = ("the hub is unreachable and it is not in the local cache"
-                    if kwargs["local_files_only"] and not local.is_dir()
-                    else str(err).splitlines()[0])
-            raise unavailable(cfg.pretrained, hint) from None
-        base = BaseBundle(vae, text_encoder, tokenizer, unet, noise_scheduler, source, self.name)
-        for model in self.frozen(base):
-            model.requires_grad_(False)
-            model.eval()
-        return base
+        parts = load_parts(cfg, self, {"unet": UNet2DConditionModel, "vae": AutoencoderKL,
+                                       "text_encoder": CLIPTextModel, "tokenizer": CLIPTokenizer,
+                                       "scheduler": DDPMScheduler})
+        base = BaseBundle(parts["vae"], parts["text_encoder"], parts["tokenizer"], parts["unet"],
+                          parts["scheduler"], parts["source"], self.name)
+        return freeze(self, base)
 
     def frozen(self, base: BaseBundle) -> tuple:
         return base.unet, base.vae, base.text_encoder
