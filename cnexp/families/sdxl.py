@@ -30,10 +30,13 @@ from cnexp.families.loading import freeze, load_parts
 from cnexp.families.sd import StableDiffusionFamily
 
 # the branches diffusers' SDXL ControlNet pipeline samples; xs and t2i_adapter have SDXL
-# counterparts in diffusers (UNetControlNetXSModel, full_adapter_xl) that cnexp does not build yet
+# pipelines in diffusers (StableDiffusionXLControlNetXSPipeline, StableDiffusionXLAdapterPipeline)
+# that cnexp does not wire yet: refused rather than sampled through SD 1.5's pipelines
 BRANCHES = ("copy", "scratch", "lite", "lora_copy")
-NOT_YET = {"xs": "cnexp builds ControlNet-XS for SD 1.5/2.1 UNets only",
-           "t2i_adapter": "cnexp builds the SD 1.5/2.1 adapter only (not full_adapter_xl)"}
+NOT_YET = {"xs": "cnexp samples ControlNet-XS through SD 1.5's XS pipeline only (diffusers' "
+                 "StableDiffusionXLControlNetXSPipeline is not wired yet)",
+           "t2i_adapter": "cnexp samples the adapter through SD 1.5's adapter pipeline only "
+                          "(diffusers' StableDiffusionXLAdapterPipeline is not wired yet)"}
 
 
 @register
