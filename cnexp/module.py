@@ -177,6 +177,7 @@ class ControlNetModule(L.LightningModule):
         noisy = self.family.noised(self.base, latents, noise, t)  # (B, C, h, w)
         condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
         pred = self.controlled_prediction(noisy, t, text, condition, training=True)
+        pred = self.family.loss_prediction(self.base, pred, noisy, t)  # as the target reads it
         target = self.family.target(self.base, latents, noise, t)  # (B, C, h, w)
         return F.mse_loss(pred.float(), target.float())
 

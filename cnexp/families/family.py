@@ -101,6 +101,12 @@ class BaseFamily:
         """What the denoiser is trained to predict there."""
         raise NotImplementedError
 
+    def loss_prediction(self, base: BaseBundle, pred: torch.Tensor, noisy: torch.Tensor,
+                        t: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output as the loss compares it with `target`: as it is (SD3
+        preconditions it into a clean-latent estimate)."""
+        return pred
+
     def conditioning(self, base: BaseBundle, text: torch.Tensor, noisy: torch.Tensor) -> dict:
         """The encoder cache's text tensor -> the denoiser's conditioning keyword arguments
         (what the branch's `predict` passes to the denoiser and to its control network)."""
