@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from cnexp.control import build_controlnet
 from cnexp.families.family import FAMILIES, get_family
+from conftest import compose_cfg
 from cnexp.module import ControlNetModule
 
 FLOW = '''
@@ -35,7 +36,8 @@ class ToyFlowFamily(StableDiffusionFamily):
 
 def test_the_tiny_world_is_the_sd_family():
     assert get_family(None) is get_family("sd")  # a config from before the knob
-    assert FAMILIES.declared() == {"sd": "sd"}
+    assert {"sd": "sd", "sdxl": "sdxl", "sd3": "sd3"}.items() <= FAMILIES.declared().items()
+    assert compose_cfg([]).base.family == "sd"
 
 
 def test_a_toy_family_owns_the_training_objective(toy_package, tiny_cfg, tiny_base):
