@@ -14,6 +14,10 @@ from conftest import ROOT, compose_cfg
 # base -> the presets its family refuses (docs/ablations.md, "Families": why each)
 REFUSED = {
     "tiny_sdxl": {"controlnet_xs", "t2i_adapter"},
+    "tiny_sd3": {"controlnet_xs", "t2i_adapter", "lora_copy", "sd_unlocked", "only_mid_control",
+                 "cross_norm", "low_lr_cross_norm"},
+    "tiny_flux": {"controlnet_xs", "t2i_adapter", "lora_copy", "sd_unlocked", "only_mid_control",
+                  "cross_norm", "low_lr_cross_norm"},
 }
 
 
