@@ -1,13 +1,16 @@
 """A plan before the run: what `python run.py <overrides>` would do, and what would fail.
 
-    python -m cnexp.plan [--time-steps N] [-m] [key=value ...]     # the overrides run.py takes
+    python -m cnexp.plan [--time-steps N] [--gpu H100] [-m] [key=value ...]   # run.py's overrides
 
 Composes the config as run.py does and, without training, prints the device, precision and
 frozen dtype, the batch per device and in all, the steps, the evaluations and how many images
 they sample, where the caches go and how big they grow, and whether the base, the CLIP model and
 the data are there. A multirun (-m, or a preset such as +sweep=sd_paper that sets it) lists its
 jobs by the names their directories will have. `--time-steps N` times N training steps on this
-machine (default: 3 on a GPU, none on a CPU) and estimates each job's wall time.
+machine (default: 3 on a GPU, none on a CPU) and estimates each job's wall time. A published
+base at scale (base=sdxl|sd35|flux) or a job on a GPU also gets an estimate of peak GPU memory in
+parts, the levers that lower it and time per step, on this machine's GPU or `--gpu NAME`'s
+(cnexp/launch/memory.py); one that would not fit is refused, naming the levers.
 
 What would fail later is refused here, each with the override that fixes it (exit code 2), so a
 45-job array is not the first to find a wrong path or an evaluation larger than its data.
@@ -126,6 +129,8 @@ def _main(argv: Optional[list[str]]) -> int:
     parser.add_argument("-m", "--multirun", action="store_true", help="plan the sweep's jobs")
     parser.add_argument("--time-steps", type=int, default=None,
                         help="training steps to time (default: 3 on a GPU, 0 on a CPU)")
+    parser.add_argument("--gpu", default=None, help="estimate memory and time for this GPU "
+                        "(A100-40, A100-80, H100, H200, L40S, RTX4090; default: this machine's)")
     parser.add_argument("overrides", nargs="*", help="the overrides run.py takes")
     args = parser.parse_args(argv)
     register_configs()
@@ -133,7 +138,8 @@ def _main(argv: Optional[list[str]]) -> int:
 
     try:
         cfg, jobs = compose_jobs(args.overrides, args.multirun)
-        plans = [(name, *plan_job(job_cfg, refusals)) for name, job_cfg, refusals in jobs]
+        plans = [(name, *plan_job(job_cfg, refusals, args.gpu))
+                 for name, job_cfg, refusals in jobs]
     except (CnexpError, HydraException) as err:  # a mistyped knob, no such preset, ...
         print(f"plan refused (nothing was trained):\n  - {err}", file=sys.stderr)
         return 2

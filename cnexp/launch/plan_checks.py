@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from cnexp.errors import CnexpError
+from cnexp.launch.plan_memory import access_refusal, encoder_cache, licence, plan_memory
 from cnexp.launch.reach import locate, read_json
 
 BYTES = {"torch.float32": 4, "torch.bfloat16": 2, "torch.float16": 2}
@@ -30,15 +31,22 @@ class Plan:
 
 # ---- what is there: base, CLIP, data -----------------------------------------------------------
 def check_base(cfg: DictConfig, plan: Plan) -> Optional[str]:
+    if cfg.base.random_bundle and not Path(str(cfg.base.pretrained)).is_dir():
+        plan.add("base", f"{cfg.base.pretrained}: a random {cfg.base.family} bundle, built on "
+                 "first use (base.random_bundle=true)")
+        return None
     where, how = locate(str(cfg.base.pretrained), "model_index.json")
     plan.add("base", f"{cfg.base.pretrained}: {how}")
     if where is None:
         fix = ("point base.pretrained at a diffusers bundle directory (with model_index.json) "
                "or a hub id" if "directory" in how else "download it once where the hub answers "
                f"(huggingface-cli download {cfg.base.pretrained}, into an HF_HOME the nodes "
-               "see), or point to a bundle directory: base.pretrained=/path/to/bundle")
+               "see; with HF_HUB_OFFLINE=1 runs read it from there), or point to a bundle "
+               f"directory: base.pretrained=/path/to/bundle{licence(str(cfg.base.pretrained))}")
         plan.refusals.append(f"base.pretrained='{cfg.base.pretrained}' cannot be loaded ({how}): "
                              f"{fix}")
+    else:  # a gated repository this token may not download
+        plan.refusals += filter(None, [access_refusal(str(cfg.base.pretrained), where)])
     return where
 
 
@@ -196,6 +204,9 @@ def caches(cfg: DictConfig, base_dir: Optional[str], sizes: Optional[dict], plan
     if not (cfg.cache.latents or cfg.cache.text):
         plan.add("encoder cache", "off (cache.latents=false, cache.text=false)")
         return
+    if str(cfg.base.family) != "sd":  # several encoders and a pooled vector per prompt
+        plan.add("encoder cache", encoder_cache(cfg, base_dir, sizes))
+        return
     vae, text = read_json(base_dir, "vae/config.json"), read_json(base_dir,
                                                                   "text_encoder/config.json")
     if sizes is None or vae is None or text is None:
@@ -222,8 +233,10 @@ def human(n: float) -> str:
     return f"{n:.1f} GiB"
 
 
-def plan_job(cfg: DictConfig, refusals: list[str]) -> tuple[Plan, bool]:
-    """The plan of one job's config; also whether it trains on a GPU."""
+def plan_job(cfg: DictConfig, refusals: list[str],
+             gpu: Optional[str] = None) -> tuple[Plan, bool]:
+    """The plan of one job's config; also whether it trains on a GPU. `gpu`: the GPU its
+    memory and time are estimated for (--gpu; default this machine's, cnexp/launch/memory.py)."""
     from cnexp.module import learning_rates
     from cnexp.validate import config_warnings, fit_to_splits, validate
 
@@ -250,4 +263,5 @@ def plan_job(cfg: DictConfig, refusals: list[str]) -> tuple[Plan, bool]:
     plan.refusals += found.refusals
     evaluations(cfg, sizes["val"] if sizes else None, plan)
     caches(cfg, base_dir, sizes, plan)
+    plan_memory(cfg, plan, base_dir, gpu, on_gpu, world_size(cfg))
     return plan, on_gpu
