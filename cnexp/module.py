@@ -14,7 +14,7 @@ from cnexp.encode_cache import FrozenEncoderCache
 from cnexp.errors import CnexpError
 from cnexp.families.family import get_family
 
-FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.")
+FROZEN_PREFIXES = ("unet.", "vae.", "text_encoder.", "base_extra.")
 DECODER_LR_RATIO = 0.2  # optim.decoder_lr unset: the authors' decoder rate 2e-6 at lr 1e-5
 
 
@@ -37,6 +37,10 @@ class ControlNetModule(L.LightningModule):
         self.base, self.family = base, get_family(base.family)  # what the base is, how it trains
         self.unet, self.vae, self.text_encoder = base.unet, base.vae, base.text_encoder
         self.tokenizer, self.noise_scheduler = base.tokenizer, base.noise_scheduler
+        # the encoders past the first (SDXL's, SD3's, Flux's): submodules, so that Lightning
+        # moves them to the device with the rest (frozen: never in a checkpoint)
+        self.base_extra = torch.nn.ModuleDict({name: part for name, part in base.extra.items()
+                                               if isinstance(part, torch.nn.Module)})
         self.controlnet = controlnet
         self.branch = branch or branch_of(controlnet)
         self.branch.bind(controlnet, self.unet)  # a branch that reads the frozen UNet (cross_norm)

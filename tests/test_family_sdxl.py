@@ -116,6 +116,14 @@ def test_copy_starts_as_the_base_and_scratch_does_not(sdxl):
                            unet["down_blocks.1.attentions.0.proj_in.weight"])
 
 
+def test_the_second_text_encoder_moves_with_the_module(sdxl):
+    """Lightning moves the module's submodules to the device: text_encoder_2 must be one."""
+    module = module_with(sdxl)
+    encoder = module.base.extra["text_encoder_2"]
+    ids = {id(p) for p in module.parameters()}
+    assert all(id(p) in ids for p in encoder.parameters())
+
+
 def test_lite_trains_fewer_parameters_than_the_copy(sdxl):
     from cnexp.control import count_trainable
 
