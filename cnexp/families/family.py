@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 
 class BaseFamily:
     name: ClassVar[str]  # the value of base.family that selects it
+    # sampling.guidance_scale is an input of the denoiser (Flux), not classifier-free guidance
+    guidance_embedded: ClassVar[bool] = False
 
     def build_tiny(self, directory: Path) -> None:
         """Save a random bundle of this family's shape, the size of diffusers' own tiny test

@@ -52,6 +52,7 @@ DEV_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=Tr
 @register
 class FluxFamily(BaseFamily):
     name = "flux"
+    guidance_embedded = True
 
     def load(self, cfg: BaseConfig) -> BaseBundle:
         parts = load_parts(cfg, self, {

@@ -178,7 +178,11 @@ def evaluations(cfg: DictConfig, n_val: Optional[int], plan: Plan) -> None:
     n_curve = len(curve_steps) + (0 if ev.full_at_start or not curve else 1)
     full_images = per_setting * len(settings)
     plan.eval_images = n_full * full_images + n_curve * curve
-    guidance = 2 if cfg.sampling.guidance_scale > 1 else 1
+    from cnexp.families.family import get_family
+
+    # classifier-free guidance doubles each sampling step's batch (Flux's is embedded: it does not)
+    embedded = get_family(OmegaConf.select(cfg, "base.family")).guidance_embedded
+    guidance = 2 if cfg.sampling.guidance_scale > 1 and not embedded else 1
     plan.add("evaluation", f"{n_full} full ({per_setting} images x {len(settings)} prompt "
              f"settings = {full_images} each), {n_curve} curve-only ({curve} images): "
              f"{plan.eval_images} images x {cfg.sampling.steps} sampling steps"
