@@ -107,6 +107,15 @@ BRANCHES: Registry[Branch] = Registry("control branch", "control.branch", "cnexp
 register = BRANCHES.register
 
 
+def copied_by_name(control: nn.Module, base: nn.Module
+                   ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """name -> (parameter, the base's parameter of that name and shape): what diffusers'
+    from_unet / from_transformer copy keeps under the base's own names."""
+    weights = dict(base.named_parameters())
+    return {name: (p, weights[name]) for name, p in control.named_parameters()
+            if name in weights and weights[name].shape == p.shape}
+
+
 def conditioning_kwargs(cond: dict | torch.Tensor) -> dict:
     """A branch's `cond`: the family's keyword arguments, or a bare text tensor (SD's only one)."""
     return cond if isinstance(cond, dict) else {"encoder_hidden_states": cond}

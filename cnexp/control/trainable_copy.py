@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from diffusers import ControlNetModel
 
-from cnexp.control.branch import register
+from cnexp.control.branch import copied_by_name, register
 from cnexp.control.residual import ResidualBranch, network
 
 
@@ -26,9 +26,7 @@ class CopyBranch(ResidualBranch):
             return {}
         # from_unet copies conv_in, the time embedding, the down blocks and the mid block under
         # the UNet's own names; the connectors and the hint embedding are the copy's own
-        base = dict(unet.named_parameters())
-        return {name: (p, base[name]) for name, p in network(control).named_parameters()
-                if name in base and base[name].shape == p.shape}
+        return copied_by_name(network(control), unet)
 
 
 @register

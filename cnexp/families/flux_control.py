@@ -37,7 +37,7 @@ import torch
 from diffusers import FluxControlNetModel, FluxControlNetPipeline, FluxTransformer2DModel
 from torch import nn
 
-from cnexp.control.branch import Branch
+from cnexp.control.branch import Branch, copied_by_name
 from cnexp.errors import ConfigError
 
 PEER_LAYERS = (4, 4)  # train_controlnet_flux.py: --num_double_layers, --num_single_layers
@@ -148,9 +148,7 @@ class FluxBranch(Branch):
             return {}
         # from_transformer copies the embeddings and the first blocks under the transformer's
         # own names; the connectors and controlnet_x_embedder are the network's own
-        base = dict(transformer.named_parameters())
-        return {name: (p, base[name]) for name, p in control.named_parameters()
-                if name in base and base[name].shape == p.shape}
+        return copied_by_name(control, transformer)
 
     def check(self, cfg) -> None:
         refused = [

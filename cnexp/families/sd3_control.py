@@ -34,7 +34,7 @@ from types import SimpleNamespace
 from diffusers import SD3ControlNetModel, SD3Transformer2DModel, StableDiffusion3ControlNetPipeline
 from torch import nn
 
-from cnexp.control.branch import Branch
+from cnexp.control.branch import Branch, copied_by_name
 from cnexp.errors import ConfigError
 
 COPY_BLOCKS = 12  # diffusers' from_transformer default (half of SD3 Medium's 24 blocks)
@@ -99,9 +99,7 @@ class SD3CopyBranch(Branch):
             return {}
         # from_transformer copies pos_embed, time_text_embed, context_embedder and the first
         # blocks under the transformer's own names; connectors and pos_embed_input are its own
-        base = dict(unet.named_parameters())
-        return {name: (p, base[name]) for name, p in control.named_parameters()
-                if name in base and base[name].shape == p.shape}
+        return copied_by_name(control, unet)
 
     def check(self, cfg) -> None:
         check_knobs(cfg)
