@@ -2,8 +2,10 @@
 
     python -m cnexp.bench [--diffusers-src ~/src/diffusers] [--steps 60] [--rounds 2] [--levers compile,unfused,workers] [--default-run]
     python -m cnexp.bench --sd 15 [--width 1.0] [--resolution 512] [--batch 8] ...
+    python -m cnexp.bench --family sd|sdxl|sd3|flux [--diffusers-src ~/src/diffusers] [--rounds 5]
 
-Modes: the tiny world (tiny.py, the default) and an SD-shaped random bundle (`--sd`, sd.py);
+Modes: the tiny world (tiny.py, the default), an SD-shaped random bundle (`--sd`, sd.py) and a
+family's tiny bundle beside its diffusers script and the bare loop (`--family`, families.py);
 __main__.py sends other modes (`--loader`: loader.py) to their own programs. A new mode is a
 module with a `run_<mode>(args, work, env)` and a flag here (or its own main, as loader.py).
 What they share (the child processes, the in-process step clock, when a figure is valid):
@@ -19,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from cnexp.bench.common import LEVERS, TOLERANCE
+from cnexp.bench.families import PEERS
 from cnexp.bench.tiny import N_TRAIN
 
 
@@ -45,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--resolution", type=int, help="pixels (default: the base's, 512 / 768)")
     sd.add_argument("--batch", type=int, default=8, help="images per step")
     sd.add_argument("--images", type=int, default=N_TRAIN, help="training triples")
+    family = parser.add_argument_group("family mode (families.py)")
+    family.add_argument("--family", choices=sorted(PEERS),
+                        help="the family's tiny bundle: cnexp, diffusers' train_controlnet_"
+                             "<family>.py (with --diffusers-src) and the bare loop, interleaved "
+                             "rounds, paired ratios")
     return parser
 
 
@@ -55,12 +63,25 @@ def main(argv: list[str] | None = None) -> None:
     for lever in filter(None, args.levers.split(",")):
         if lever not in LEVERS:
             sys.exit(f"--levers: unknown lever {lever!r}; choose from {', '.join(LEVERS)}")
-    if args.diffusers_src:
+    if args.family:
+        from cnexp.bench.families import check_family
+
+        why = check_family(args.family, args.diffusers_src)
+        if why:
+            sys.exit(why)
+    elif args.diffusers_src:
         script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
         if not script.exists():
             sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
     work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    if args.family:
+        from cnexp.bench.families import run_family
+
+        report = run_family(args, work, env)
+        if args.json:
+            args.json.write_text(json.dumps(report, indent=1))
+        return
     if args.sd:
         from cnexp.bench.sd import run_sd, write_json
 

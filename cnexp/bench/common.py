@@ -7,7 +7,9 @@ compilation never enter it, and nothing is subtracted across processes (a differ
 processes' wall times printed -0.73 s/step when one compiled cold and the other found the
 compile cache warm). A trainer's figure is the median of its rounds; it is invalid, and no ratio
 is printed for it, when a round is not positive or the rounds disagree by more than
-`tolerance` (max / min - 1).
+`tolerance` (max / min - 1). The family mode (families.py) judges with no tolerance and compares
+trainers by their paired ratios instead (`paired`: round by round, the median and its range), so
+a noisy neighbour widens the range rather than voiding the figure.
 """
 from __future__ import annotations
 
@@ -64,20 +66,36 @@ def measure(name: str, make_cmd, warmup: int, steps: int, rnd: int, env: dict) -
           f"{warmup + steps})", flush=True)
     return {"name": name, "step_s": step, "peak_rss_mib": peak, "outputs": [output],
             "fixed_s": wall - (warmup + steps) * step,  # start-up, loading, caching, compiling
-            "step_deltas": clock["deltas"]}
+            "step_deltas": clock["deltas"],
+            "cpu_step_s": clock["cpu"] / steps if clock.get("cpu") is not None else None}
 
 
-def judge(rounds: list[float], tolerance: float = TOLERANCE) -> tuple[float | None, str | None]:
-    """(the median of the rounds, None), or (None, why the figure is invalid)."""
+def judge(rounds: list[float], tolerance: float | None = TOLERANCE
+          ) -> tuple[float | None, str | None]:
+    """(the median of the rounds, None), or (None, why the figure is invalid). tolerance=None:
+    rounds that disagree still give their median (the paired ratios carry the spread)."""
     if not rounds:
         return None, "no rounds"
     bad = [r for r in rounds if not (math.isfinite(r) and r > 0)]
     if bad:
         return None, f"a round measured {bad[0]:.4f} s/step"
     spread = max(rounds) / min(rounds) - 1
-    if spread > tolerance:
+    if tolerance is not None and spread > tolerance:
         return None, f"rounds disagree by {spread:.0%} (> {tolerance:.0%})"
     return statistics.median(rounds), None
+
+
+def paired(numerators: list[float], denominators: list[float]) -> dict | None:
+    """Round-by-round ratios of two trainers measured in the same rounds (round r of each run
+    back to back, so a drift of the machine hits both): {"median", "low", "high", "rounds"},
+    or None where a round of either is missing or not positive."""
+    if not numerators or len(numerators) != len(denominators):
+        return None
+    if not all(math.isfinite(x) and x > 0 for x in (*numerators, *denominators)):
+        return None
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return {"median": round(statistics.median(ratios), 3), "low": round(min(ratios), 3),
+            "high": round(max(ratios), 3), "rounds": [round(r, 3) for r in ratios]}
 
 
 def ratio(reference: float | None, step: float | None) -> float | None:
@@ -94,24 +112,36 @@ def cnexp_losses(out: Path) -> list[float]:
     return [float(r["train/loss"]) for r in rows if r.get("train/loss")]
 
 
-def prepare_peer_inputs(work: Path, data: Path, bundle: Path = ROOT / "assets/tinyworld",
-                        channels: tuple = (16, 32, 64)) -> tuple[Path, Path]:
-    """The same triples as parquet with diffusers' column names, and the same initial ControlNet."""
-    import datasets
-    from diffusers import ControlNetModel, UNet2DConditionModel
-
+def peer_table(data: Path) -> dict[str, list[str]]:
+    """The training triples under diffusers' column names: image and conditioning_image (file
+    paths), text."""
     from cnexp.data.fill50k import read_index
 
     records = read_index(data / "train")
-    table = {"image": [str(data / "train" / r["target"]) for r in records],
-             "conditioning_image": [str(data / "train" / r["source"]) for r in records],
-             "text": [r["prompt"] for r in records]}
-    ds = datasets.Dataset.from_dict(table)
+    return {"image": [str(data / "train" / r["target"]) for r in records],
+            "conditioning_image": [str(data / "train" / r["source"]) for r in records],
+            "text": [r["prompt"] for r in records]}
+
+
+def write_peer_parquet(work: Path, data: Path) -> Path:
+    """The triples as a parquet directory with the images embedded (--train_data_dir)."""
+    import datasets
+
+    ds = datasets.Dataset.from_dict(peer_table(data))
     ds = ds.cast_column("image", datasets.Image()).cast_column("conditioning_image",
                                                                datasets.Image())
     parquet_dir = work / "parquet"
     parquet_dir.mkdir(parents=True, exist_ok=True)
     ds.to_parquet(str(parquet_dir / "train.parquet"))
+    return parquet_dir
+
+
+def prepare_peer_inputs(work: Path, data: Path, bundle: Path = ROOT / "assets/tinyworld",
+                        channels: tuple = (16, 32, 64)) -> tuple[Path, Path]:
+    """The same triples as parquet with diffusers' column names, and the same initial ControlNet."""
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    parquet_dir = write_peer_parquet(work, data)
     unet = UNet2DConditionModel.from_pretrained(bundle, subfolder="unet")
     controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     controlnet.save_pretrained(work / "controlnet_init")
