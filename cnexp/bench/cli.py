@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -73,7 +74,15 @@ def main(argv: list[str] | None = None) -> None:
         script = args.diffusers_src / "examples" / "controlnet" / "train_controlnet.py"
         if not script.exists():
             sys.exit(f"--diffusers-src: {script} not found (give the root of a diffusers checkout)")
-    work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))
+    work = Path(tempfile.mkdtemp(prefix="cnexp-bench-"))  # bundles, data, runs: removed after
+    try:
+        run_mode(args, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_mode(args, work: Path) -> None:
+    """The benchmark `args` asks for, its files under `work`."""
     env = {**os.environ, "WANDB_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     if args.family:
         from cnexp.bench.families import run_family

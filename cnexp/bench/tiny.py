@@ -32,7 +32,8 @@ def cnexp_cmd(steps: int, out: Path, data: Path, cache: bool, *extra: str) -> li
                      "data.test_size=8", f"data.batch_size={BATCH}", f"optim.lr={LR}",
                      "optim.prompt_dropout=0.5", f"cache.latents={cache}", f"cache.text={cache}",
                      f"cache.dir={data.parent / 'encoders'}", "eval.enabled=false", "export=false",
-                     "logger.mode=disabled", "trainer.enable_progress_bar=false", *extra)
+                     "logger.mode=disabled", "trainer.enable_progress_bar=false",
+                     "trainer.checkpoint_every_n_steps=1000000", *extra)  # as the script: none
 
 
 def peer_cmd(script: Path, steps: int, out: Path, parquet_dir: Path, controlnet: Path) -> list[str]:
