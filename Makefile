@@ -1,6 +1,6 @@
 # The two commands a newcomer needs:  make run   (default experiment)   make test   (all tests)
 PYTHON ?= python
-.PHONY: setup run test test-fast tinyworld
+.PHONY: setup run test test-fast tinyworld tinydit
 
 setup: .cnexp-setup
 # constraints.txt: this machine's exact torch build; the package itself declares only ranges.
@@ -24,3 +24,6 @@ test-fast: setup
 
 tinyworld: setup  # rebuild the shipped tiny base from scratch (~30 min on 2 CPU cores)
 	$(PYTHON) -m cnexp.tinyworld.build --out assets/tinyworld
+
+tinydit: setup  # the transformer base (SD3's shape) on assets/tinyworld's VAE and CLIP (~25 min on 2 CPU cores)
+	$(PYTHON) -m cnexp.tinyworld.dit --out assets/tinydit
