@@ -102,7 +102,8 @@ def batch(n=2) -> dict:
 
 @pytest.mark.parametrize("t5", [True, False], ids=["t5", "no_t5"])
 def test_prompts_encode_as_diffusers_sd3_pipeline_encodes_them(sd3, t5):
-    """With T5, and without (text_encoder_3=None: zeros in its place, as the pipeline)."""
+    """With T5, and without (text_encoder_3=None: no rows in its place, as the pipeline makes
+    them at the max_sequence_length sampling passes)."""
     _, base = sd3
     family = get_family("sd3")
     if not t5:
@@ -111,8 +112,12 @@ def test_prompts_encode_as_diffusers_sd3_pipeline_encodes_them(sd3, t5):
     parts = family.pipeline_parts(base, base.noise_scheduler)
     del parts["pipeline_class"]
     pipe = StableDiffusion3ControlNetPipeline(transformer=base.unet, controlnet=None, **parts)
+    length = get_family("sd3").branch("copy").sampling_inputs(
+        pipe, None, 1.0)["max_sequence_length"]
+    assert length == (256 if t5 else 0)
     embeds, _, pooled, _ = pipe.encode_prompt(CAPTIONS, None, None,
-                                              do_classifier_free_guidance=False)
+                                              do_classifier_free_guidance=False,
+                                              max_sequence_length=length)
     with torch.no_grad():
         cond = family.conditioning(base, family.encode_text(base, CAPTIONS, "cpu"), None)
     torch.testing.assert_close(cond["encoder_hidden_states"], embeds)

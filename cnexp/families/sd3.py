@@ -40,6 +40,10 @@ from cnexp.families.family import BaseFamily, pack_text, register, unpack_text
 from cnexp.families.loading import freeze, load_parts
 
 T5_TOKENS = 256  # the SD3 pipelines' default max_sequence_length: what sampling encodes
+# a bundle without T5 (tiny_dit): no zero rows in its place. The pipeline's 256 zero rows would
+# be 256 constant tokens the joint attention attends to every step (4x the image's 64 in the
+# tiny world); sampling passes the same max_sequence_length (sd3_control: sampling_inputs)
+NO_T5_TOKENS = 0
 TIMESTEP_LOGIT_MEAN, TIMESTEP_LOGIT_STD = 0.0, 1.0  # the script's logit_normal defaults
 PRECONDITION_OUTPUTS = True  # the script's default (precondition_outputs=1)
 
@@ -117,12 +121,12 @@ class StableDiffusion3Family(BaseFamily):
         return pack_text(torch.cat([clip, t5], dim=1), torch.cat(pooled, dim=-1))
 
     def t5_states(self, base: BaseBundle, prompts: list[str], device, dtype) -> torch.Tensor:
-        """(B, T5_TOKENS, D): T5's last hidden states, or zeros of the transformer's text width
-        when the bundle has no T5 (as the pipeline does)."""
+        """(B, T5_TOKENS, D): T5's last hidden states; without T5 in the bundle, NO_T5_TOKENS
+        rows of zeros (the pipeline's own stand-in, at the length sampling asks for)."""
         encoder, tokenizer = base.extra["text_encoder_3"], base.extra["tokenizer_3"]
         if encoder is None:
             width = base.unet.config.joint_attention_dim
-            return torch.zeros(len(prompts), T5_TOKENS, width, device=device, dtype=dtype)
+            return torch.zeros(len(prompts), NO_T5_TOKENS, width, device=device, dtype=dtype)
         ids = tokenizer(prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids.to(device)
         return encoder(ids)[0].to(dtype)

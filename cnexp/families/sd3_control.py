@@ -92,7 +92,11 @@ class SD3CopyBranch(Branch):
         return pipeline_class(transformer=unet, controlnet=control, **parts)
 
     def sampling_inputs(self, pipe, conditions, conditioning_scale) -> dict:
-        return {"control_image": conditions, "controlnet_conditioning_scale": conditioning_scale}
+        from cnexp.families.sd3 import NO_T5_TOKENS, T5_TOKENS
+
+        tokens = T5_TOKENS if pipe.text_encoder_3 is not None else NO_T5_TOKENS  # as trained
+        return {"control_image": conditions, "controlnet_conditioning_scale": conditioning_scale,
+                "max_sequence_length": tokens}
 
     def copied_from_base(self, control, unet):
         if not self.copy_weights:
