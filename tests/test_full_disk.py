@@ -219,3 +219,23 @@ def test_run_py_on_a_real_full_disk_says_it_once_and_records_it(tmp_path, data_r
         _assert_one_message_and_a_record(done, run_dir)
     finally:
         subprocess.run(["umount", str(run_dir)], check=False)
+
+
+def test_a_second_ctrl_c_inside_torch_save_stops_the_run_not_a_disk_error(tmp_path, monkeypatch):
+    """torch.save turns a signal handler's exception raised mid-write into its own write error
+    (seen in a run: "unexpected pos"); the stop is what propagates, the previous file stays."""
+    from cnexp.run.signals import RunStopped
+
+    def interrupted_save(obj, f, *args, **kwargs):
+        f.write(b"PK\x03\x04" + bytes(100))
+        try:
+            raise RunStopped("interrupted", "a second SIGINT")
+        except RunStopped:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 7 vs 5")
+
+    (tmp_path / "last.ckpt").write_bytes(b"previous")
+    monkeypatch.setattr(torch, "save", interrupted_save)
+    with pytest.raises(RunStopped, match="interrupted by a second SIGINT"):
+        SafeCheckpointIO().save_checkpoint({"global_step": 4}, tmp_path / "last.ckpt")
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+    assert (tmp_path / "last.ckpt").read_bytes() == b"previous"

@@ -56,7 +56,7 @@ def peer_args(name: str) -> list[str]:
     """The script's flags beyond the shared ones, so that it does cnexp's work: SD3's T5
     sequence as long as cnexp's (the script's default is 77, the pipelines' 256)."""
     if name == "sd3":
-        from cnexp.families.sd3 import T5_TOKENS
+        from cnexp.families.sd3_control import T5_TOKENS
 
         return [f"--max_sequence_length={T5_TOKENS}"]
     return []

@@ -38,12 +38,8 @@ from cnexp.config import BaseConfig
 from cnexp.errors import ConfigError
 from cnexp.families.family import BaseFamily, pack_text, register, unpack_text
 from cnexp.families.loading import freeze, load_parts
+from cnexp.families.sd3_control import NO_T5_TOKENS, T5_TOKENS, check_knobs, sd3_branch
 
-T5_TOKENS = 256  # the SD3 pipelines' default max_sequence_length: what sampling encodes
-# a bundle without T5 (tiny_dit): no zero rows in its place. The pipeline's 256 zero rows would
-# be 256 constant tokens the joint attention attends to every step (4x the image's 64 in the
-# tiny world); sampling passes the same max_sequence_length (sd3_control: sampling_inputs)
-NO_T5_TOKENS = 0
 TIMESTEP_LOGIT_MEAN, TIMESTEP_LOGIT_STD = 0.0, 1.0  # the script's logit_normal defaults
 PRECONDITION_OUTPUTS = True  # the script's default (precondition_outputs=1)
 
@@ -95,13 +91,9 @@ class StableDiffusion3Family(BaseFamily):
 
     # ---- the control branches ------------------------------------------------------------
     def branch(self, name: str):
-        from cnexp.families.sd3_control import sd3_branch
-
         return sd3_branch(name)
 
     def check(self, control) -> None:
-        from cnexp.families.sd3_control import check_knobs
-
         check_knobs(control)
 
     # ---- prompts and images ---------------------------------------------------------------

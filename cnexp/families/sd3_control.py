@@ -37,6 +37,12 @@ from torch import nn
 from cnexp.control.branch import Branch, copied_by_name
 from cnexp.errors import ConfigError
 
+T5_TOKENS = 256  # the SD3 pipelines' default max_sequence_length: what sampling encodes
+# a bundle without T5 (tiny_dit): no zero rows in its place. The pipeline's 256 zero rows would
+# be 256 constant tokens the joint attention attends to every step (4x the image's 64 in the
+# tiny world); sampling passes the same max_sequence_length (SD3CopyBranch.sampling_inputs)
+NO_T5_TOKENS = 0
+
 COPY_BLOCKS = 12  # diffusers' from_transformer default (half of SD3 Medium's 24 blocks)
 LITE_BLOCKS = 1
 NOT_ON_SD3 = {
@@ -92,8 +98,6 @@ class SD3CopyBranch(Branch):
         return pipeline_class(transformer=unet, controlnet=control, **parts)
 
     def sampling_inputs(self, pipe, conditions, conditioning_scale) -> dict:
-        from cnexp.families.sd3 import NO_T5_TOKENS, T5_TOKENS
-
         tokens = T5_TOKENS if pipe.text_encoder_3 is not None else NO_T5_TOKENS  # as trained
         return {"control_image": conditions, "controlnet_conditioning_scale": conditioning_scale,
                 "max_sequence_length": tokens}

@@ -91,7 +91,7 @@ DENOISERS = ("unet", "transformer")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 
 # By family: the tokens each text encoder reads per prompt as cnexp's family encodes it (SD3:
-# T5's 256, families/sd3.py T5_TOKENS, the SD3 pipelines' default, where the peer script
+# T5's 256, families/sd3_control.py T5_TOKENS, the SD3 pipelines' default, where the peer script
 # trains on its --max_sequence_length 77; Flux: T5's 512, families/flux_control.py), which
 # encoders make the denoiser's context (SD3: CLIP's 77 then T5's tokens; Flux: T5's, CLIP is
 # pooled only), whether the control image reaches the branch as VAE latents (SD3, Flux; SD's

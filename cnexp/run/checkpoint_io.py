@@ -12,6 +12,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from cnexp.errors import CnexpError
 from cnexp.fileio import AtomicFile
+from cnexp.run.signals import RunStopped
 from cnexp.storage import StorageError, free_space, storage_failure, what_failed
 
 
@@ -48,6 +49,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             with AtomicFile(path) as f:  # a partial file is removed: it would only hold the space
                 torch.save(checkpoint, f)
         except BaseException as err:
+            stop = _stop_in(err)  # a second Ctrl-C inside torch.save surfaces as its write error
+            if stop is not None:
+                raise stop from None
             # a full disk: Python's OSError, or torch.save's RuntimeError around it
             cause = storage_failure(err) or (err if isinstance(err, OSError) else None)
             if cause is None:
@@ -72,6 +76,16 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if self.module is not None:
             check_state_dict(path, checkpoint["state_dict"], saved_shapes(self.module))
         return checkpoint
+
+
+def _stop_in(err: BaseException | None) -> BaseException | None:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (RunStopped, KeyboardInterrupt)):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
 
 
 def _save_failure(path: Path, err: BaseException) -> str:
