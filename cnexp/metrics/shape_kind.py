@@ -75,3 +75,20 @@ def kind_accuracy(filled_outline: np.ndarray, drawn: np.ndarray) -> float:
     """Share of the outlined shapes drawn as their own kind (1.0 when nothing is outlined)."""
     pairs = shape_kinds(filled_outline, drawn)
     return float(np.mean([a == b for a, b in pairs])) if pairs else 1.0
+
+
+def drawn_kind(drawn: np.ndarray) -> str | None:
+    """The kind of the largest shape in a foreground mask, read as above at its own box; None
+    when nothing is drawn or no kind explains it. Without a condition (a base's sample) this
+    asks whether the prompt's kind was drawn, wherever it was drawn."""
+    labels, count = ndimage.label(drawn)
+    if count == 0:
+        return None
+    largest = 1 + int(np.argmax(ndimage.sum(drawn, labels, range(1, count + 1))))
+    rows, cols = ndimage.find_objects(labels)[largest - 1]
+    mask = labels == largest
+    h, w = mask.shape
+    window = (slice(max(0, rows.start - WINDOW_MARGIN), min(h, rows.stop + WINDOW_MARGIN)),
+              slice(max(0, cols.start - WINDOW_MARGIN), min(w, cols.stop + WINDOW_MARGIN)))
+    kind, match = _best_kind(mask, (rows.start, rows.stop - 1, cols.start, cols.stop - 1), window)
+    return kind if match >= MIN_MATCH_IOU else None
