@@ -241,7 +241,8 @@ def adjust_over_table(results: list[ClaimResult], level: float = 0.95) -> list[C
     return results
 
 
-def _f(x: Optional[float], signed: bool = False) -> str:
+def number(x: Optional[float], signed: bool = False) -> str:
+    """A figure as the tables print it: 3 decimals, "–" for NaN or None."""
     if not finite(x):
         return "–"
     return f"{x:+.3f}" if signed else f"{x:.3f}"
@@ -269,12 +270,12 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
         c = r.claim
         metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "") + \
             f" ({c.expect} expected)"
-        ci = "–" if r.diff.n < 2 else f"{_f(r.diff.mean, True)} ± {_f(r.diff.half_width)}"
+        ci = "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
         row = [c.claim, f"`{c.arm}` vs `{c.reference}`", metric,
-               f"{_f(r.arm_mean)} / {_f(r.reference_mean)}", f"{ci} (n={r.diff.n})",
+               f"{number(r.arm_mean)} / {number(r.reference_mean)}", f"{ci} (n={r.diff.n})",
                f"**{r.verdict}**", f"{_p(r.p_value)} ({_p(r.holm_p)})",
-               f"**{r.holm_verdict or r.verdict}**", _f(r.detectable),
-               "–" if r.seeds_needed is None else str(r.seeds_needed), _f(r.image_share)]
+               f"**{r.holm_verdict or r.verdict}**", number(r.detectable),
+               "–" if r.seeds_needed is None else str(r.seeds_needed), number(r.image_share)]
         lines.append("| " + " | ".join(s.replace("|", "\\|") for s in row) + " |")
     return lines
 

@@ -12,7 +12,9 @@ one table, one adjustment. Only the committed tables are read (no run records): 
 recovered from each recorded interval (`read_claims_csv`). Writes claims.md (the table with a
 verdict count), claims.csv (a `stage` column first), claims.png (the forest plot, a row per
 claim on its own scale) and overview.png (every claim on one axis, in units of its detectable
-effect).
+effect). `--side-by-side A,B` also writes side_by_side.md: each claim of stage A beside the claim
+of stage B that tests the same arm, reference, metric and step (the UNet's verdict beside the
+transformer's), with the Holm verdicts of the one table.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnexp.analysis.claims import (NOT_SHOWN, OPPOSITE, REPRODUCED, ClaimResult, ClaimsError,
-                                   adjust_over_table, claims_markdown, read_claims_csv,
+                                   adjust_over_table, claims_markdown, number, read_claims_csv,
                                    write_claims_csv)
 from cnexp.analysis.stats import finite
 
@@ -88,21 +90,63 @@ def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out:
     return out / "claims.md"
 
 
+def _tested(r: ClaimResult) -> tuple:
+    return r.claim.arm, r.claim.reference, r.claim.metric, r.claim.step
+
+
+def _cell(r: ClaimResult) -> str:
+    ci = "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
+    return f"{ci} **{r.holm_verdict or r.verdict}**"
+
+
+def side_by_side(results: list[ClaimResult], first: str, second: str) -> list[str]:
+    """Markdown lines: each claim of stage `first` beside the same test in stage `second`
+    (Δ ± CI and the Holm verdict of the one table), and whether the verdicts agree."""
+    stages = {r.stage for r in results}
+    for name in (first, second):
+        if name not in stages:
+            raise ClaimsError(f"--side-by-side: no stage {name!r} (stages: "
+                              f"{', '.join(sorted(stages))})")
+    theirs = {_tested(r): r for r in results if r.stage == second}
+    lines = [f"| claim | arm vs reference | metric | {first}: Δ ± CI, Holm verdict | "
+             f"{second}: Δ ± CI, Holm verdict | same verdict |", "|---|---|---|---|---|---|"]
+    for r in (r for r in results if r.stage == first):
+        other = theirs.get(_tested(r))
+        if other is None:
+            continue
+        c = r.claim
+        metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "")
+        same = (r.holm_verdict or r.verdict) == (other.holm_verdict or other.verdict)
+        row = [c.claim.removeprefix(f"{first}: "), f"`{c.arm}` vs `{c.reference}`", metric,
+               _cell(r), _cell(other), "yes" if same else "**no**"]
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("stages", nargs="+", metavar="NAME=CLAIMS_CSV")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--level", type=float, default=0.95)
     parser.add_argument("--no-figures", action="store_true")
+    parser.add_argument("--side-by-side", metavar="A,B",
+                        help="also write side_by_side.md: stage A's claims beside stage B's")
     args = parser.parse_args(argv)
     try:
         stages = [parse_stage(s) for s in args.stages]
         results = merge_tables(stages, args.level)
+        pair = args.side_by_side.split(",") if args.side_by_side else None
+        if pair is not None and len(pair) != 2:
+            raise ClaimsError(f"--side-by-side {args.side_by_side}: name two stages, A,B")
+        compared = side_by_side(results, *pair) if pair else None
     except ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     path = write_table(results, stages, args.out, args.level, not args.no_figures)
     print(f"{verdict_counts(results)}\nwrote {path}")
+    if compared is not None:
+        (args.out / "side_by_side.md").write_text("\n".join(compared) + "\n")
+        print(f"wrote {args.out / 'side_by_side.md'}")
     return 0
 
 
