@@ -156,3 +156,22 @@ def test_every_preset_runs_fast_dev_run(tmp_path):
         # cross_norm replaces the zero convolutions too (ControlNeXt: scale 1 from the start)
         assert (record.base_damage > 0) == ("no_zero_conv" in name or "cross_norm" in name), \
             (name, record.base_damage)
+
+
+def test_the_transformer_claims_sweep_runs_every_arm_its_claims_file_names_on_tiny_dit():
+    from test_sweep import compose_with_hydra
+
+    from cnexp.analysis.claims import load_claims
+
+    cfg = compose_with_hydra(["+sweep=claims_dit"])
+    assert (cfg.base.name, cfg.base.family) == ("tiny_dit", "sd3")
+    assert str(cfg.hydra.sweep.dir) == "multirun/claims_dit_study" and cfg.ckpt_path == "auto"
+    arms = set(cfg.hydra.sweeper.params["+ablation"].split(","))
+    assert cfg.hydra.sweeper.params["seed"] == "0,1,2,3,4"
+    claims = load_claims(ROOT / "experiments" / "transformer_study" / "claims.yaml")
+    assert {c.arm for c in claims} | {c.reference for c in claims} <= arms
+    unet = load_claims(ROOT / "experiments" / "claims_study" / "claims.yaml")
+    def tested(claims_file):
+        return {(c.arm, c.reference, c.metric, c.step, c.expect) for c in claims_file}
+
+    assert tested(claims) == tested(unet)  # the UNet's tests, one for one
