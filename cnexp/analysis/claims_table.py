@@ -75,10 +75,10 @@ def verdict_counts(results: list[ClaimResult]) -> str:
 
 
 def write_table(results: list[ClaimResult], stages: list[tuple[str, Path]], out: Path,
-                level: float = 0.95, figures: bool = True) -> Path:
+                level: float = 0.95, figures: bool = True, options: tuple[str, ...] = ()) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     command = " ".join(["python -m cnexp.analysis.claims_table --out", str(out)] +
-                       [f"{name}={path}" for name, path in stages])
+                       [f"{name}={path}" for name, path in stages] + list(options))
     lines = ["# One claims table", "", f"`{command}`", "",
              f"**{verdict_counts(results)}.**", ""] + claims_markdown(results, level) + [""]
     (out / "claims.md").write_text("\n".join(lines))
@@ -96,12 +96,14 @@ def _tested(r: ClaimResult) -> tuple:
 
 def _cell(r: ClaimResult) -> str:
     ci = "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
-    return f"{ci} **{r.holm_verdict or r.verdict}**"
+    holm = r.holm_verdict or r.verdict
+    return f"{ci} **{holm}**" + (f" (raw: {r.verdict})" if r.verdict != holm else "")
 
 
 def side_by_side(results: list[ClaimResult], first: str, second: str) -> list[str]:
     """Markdown lines: each claim of stage `first` beside the same test in stage `second`
-    (Δ ± CI and the Holm verdict of the one table), and whether the verdicts agree."""
+    (Δ ± CI and the Holm verdict of the one table, the raw one beside it where they differ),
+    and whether the Holm verdicts agree."""
     stages = {r.stage for r in results}
     for name in (first, second):
         if name not in stages:
@@ -142,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    path = write_table(results, stages, args.out, args.level, not args.no_figures)
+    options = ("--side-by-side", args.side_by_side) if pair else ()
+    path = write_table(results, stages, args.out, args.level, not args.no_figures, options)
     print(f"{verdict_counts(results)}\nwrote {path}")
     if compared is not None:
         (args.out / "side_by_side.md").write_text("\n".join(compared) + "\n")
