@@ -107,16 +107,24 @@ def test_the_t5_tokenizer_of_the_bench_bundle_fits_the_tiny_t5():
 
 @pytest.fixture(scope="module")
 def sdxl_loop(tmp_path_factory):
+    from hydra.core.hydra_config import HydraConfig
+
     from cnexp.bench.bare import build_parts, compose_run, preload
     from cnexp.tinyworld.shapes import ensure_tiny_dataset
 
     data = ensure_tiny_dataset(tmp_path_factory.mktemp("data"), {"train": 8, "val": 2, "test": 2})
-    cfg = compose_run(["base=tiny_sdxl", f"data.root={data}", "data.train_size=8",
-                       "data.val_size=2", "data.test_size=2", "data.batch_size=4",
-                       "trainer.max_steps=2", "trainer.log_every_n_steps=1"])
-    torch.manual_seed(cfg.seed)
-    parts = build_parts(cfg)
-    return cfg, parts, preload(cfg, parts)
+    # compose_run sets Hydra's global config as the bare loop's own process needs; it is put
+    # back after this file's tests, so that later tests in this worker find Hydra as it was
+    before = HydraConfig.instance().cfg
+    try:
+        cfg = compose_run(["base=tiny_sdxl", f"data.root={data}", "data.train_size=8",
+                           "data.val_size=2", "data.test_size=2", "data.batch_size=4",
+                           "trainer.max_steps=2", "trainer.log_every_n_steps=1"])
+        torch.manual_seed(cfg.seed)
+        parts = build_parts(cfg)
+        yield cfg, parts, preload(cfg, parts)
+    finally:
+        HydraConfig.instance().cfg = before
 
 
 def test_the_bare_loop_computes_cnexps_loss(sdxl_loop):
