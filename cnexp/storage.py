@@ -45,12 +45,20 @@ class StorageError(CnexpError, OSError):
         self.errno = errno_  # str() stays the message (OSError formats only errno + strerror)
 
 
+def exception_chain(err: Optional[BaseException]) -> Iterator[BaseException]:
+    """`err`, then what it was raised from or during, and so on, each once."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        yield err
+        err = err.__cause__ or err.__context__
+
+
 def storage_failure(err: BaseException) -> Optional[BaseException]:
     """The storage failure in `err` or in what it was raised from or during, else None. An OSError
     with a storage errno is preferred to torch's RuntimeError around it (it says why)."""
-    found, seen = None, set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
+    found = None
+    for err in exception_chain(err):
         if isinstance(err, StorageError):
             return err
         if isinstance(err, OSError) and err.errno in STORAGE_ERRNOS:
@@ -58,7 +66,6 @@ def storage_failure(err: BaseException) -> Optional[BaseException]:
         if found is None and isinstance(err, RuntimeError) and \
                 any(words in str(err) for words in TORCH_WRITE_FAILED):
             found = err
-        err = err.__cause__ or err.__context__
     return found
 
 

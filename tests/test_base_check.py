@@ -42,7 +42,7 @@ def test_real_images_score_the_ceiling_and_a_mirrored_drawing_scores_low_iou():
 @pytest.mark.skipif(not (DIT / "model_index.json").exists(), reason="assets/tinydit not built")
 def test_the_command_samples_the_shipped_transformer_base(tmp_path):
     out = tmp_path / "check.json"
-    base_check.main([str(DIT), "--images", "8", "--json", str(out)])
+    base_check.main(["base=tiny_dit", "--images", "8", "--json", str(out)])
     result = json.loads(out.read_text())
     assert result["real"]["kind_acc"] == 1.0
     assert 0 <= result["sampled"]["kind_acc"] <= 1 and 0 <= result["sampled"]["shape_iou"] < 1

@@ -95,7 +95,8 @@ def test_side_by_side_pairs_the_same_test_across_stages_and_flags_a_different_ve
     # the same arm, reference and metric in both stages (other claim words); one decided in
     # the UNet stage only, one decided in neither
     stage_csv(tmp_path / "unet.csv", {"strong": [-0.10, -0.11, -0.09, -0.10],
-                                      "null": [0.03, -0.05, 0.01, -0.02]})
+                                      "null": [0.03, -0.05, 0.01, -0.02],
+                                      "unet only": [-0.1, -0.1, -0.1, -0.11]})
     stage_csv(tmp_path / "dit.csv", {"strong": [0.03, -0.05, 0.01, -0.02],
                                      "null": [0.02, -0.04, 0.02, -0.01],
                                      "dit only": [-0.1, -0.1, -0.1, -0.11]})
@@ -103,7 +104,7 @@ def test_side_by_side_pairs_the_same_test_across_stages_and_flags_a_different_ve
     assert main([f"unet={tmp_path / 'unet.csv'}", f"dit={tmp_path / 'dit.csv'}", "--out",
                  str(out), "--no-figures", "--side-by-side", "unet,dit"]) == 0
     rows = (out / "side_by_side.md").read_text().splitlines()[2:]
-    assert len(rows) == 2  # "dit only" has no UNet counterpart
+    assert len(rows) == 2  # "unet only" and "dit only" have no counterpart
     strong, null = rows
     assert strong.startswith("| strong claim | `strong` vs `baseline` |")
     assert f"**{REPRODUCED}** | " in strong and f"**{NOT_SHOWN}** | **no** |" in strong

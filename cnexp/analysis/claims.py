@@ -248,6 +248,11 @@ def number(x: Optional[float], signed: bool = False) -> str:
     return f"{x:+.3f}" if signed else f"{x:.3f}"
 
 
+def interval(r: "ClaimResult") -> str:
+    """Δ ± the half-width of its interval, or – below two pairs."""
+    return "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
+
+
 def _p(p: float) -> str:
     return "–" if not finite(p) else "<0.001" if p < 0.001 else f"{p:.3f}"
 
@@ -270,9 +275,9 @@ def claims_markdown(results: list[ClaimResult], level: float = 0.95) -> list[str
         c = r.claim
         metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "") + \
             f" ({c.expect} expected)"
-        ci = "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
         row = [c.claim, f"`{c.arm}` vs `{c.reference}`", metric,
-               f"{number(r.arm_mean)} / {number(r.reference_mean)}", f"{ci} (n={r.diff.n})",
+               f"{number(r.arm_mean)} / {number(r.reference_mean)}",
+               f"{interval(r)} (n={r.diff.n})",
                f"**{r.verdict}**", f"{_p(r.p_value)} ({_p(r.holm_p)})",
                f"**{r.holm_verdict or r.verdict}**", number(r.detectable),
                "–" if r.seeds_needed is None else str(r.seeds_needed), number(r.image_share)]

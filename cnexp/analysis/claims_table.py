@@ -25,7 +25,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cnexp.analysis.claims import (NOT_SHOWN, OPPOSITE, REPRODUCED, ClaimResult, ClaimsError,
-                                   adjust_over_table, claims_markdown, number, read_claims_csv,
+                                   adjust_over_table, claims_markdown, interval, read_claims_csv,
                                    write_claims_csv)
 from cnexp.analysis.stats import finite
 
@@ -95,9 +95,8 @@ def _tested(r: ClaimResult) -> tuple:
 
 
 def _cell(r: ClaimResult) -> str:
-    ci = "–" if r.diff.n < 2 else f"{number(r.diff.mean, True)} ± {number(r.diff.half_width)}"
     holm = r.holm_verdict or r.verdict
-    return f"{ci} **{holm}**" + (f" (raw: {r.verdict})" if r.verdict != holm else "")
+    return f"{interval(r)} **{holm}**" + (f" (raw: {r.verdict})" if r.verdict != holm else "")
 
 
 def side_by_side(results: list[ClaimResult], first: str, second: str) -> list[str]:

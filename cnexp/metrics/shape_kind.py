@@ -44,6 +44,13 @@ def _iou(a: np.ndarray, b: np.ndarray) -> float:
     return float((a & b).sum() / union) if union else 0.0
 
 
+def _window(rows: slice, cols: slice, shape: tuple[int, int]) -> tuple[slice, slice]:
+    """Where a shape's drawing is read: its box and WINDOW_MARGIN around it."""
+    h, w = shape
+    return (slice(max(0, rows.start - WINDOW_MARGIN), min(h, rows.stop + WINDOW_MARGIN)),
+            slice(max(0, cols.start - WINDOW_MARGIN), min(w, cols.stop + WINDOW_MARGIN)))
+
+
 def _best_kind(mask: np.ndarray, box: tuple[int, int, int, int],
                window: tuple[slice, slice]) -> tuple[str, float]:
     scores = {kind: _iou(_template(_fitted(kind, box), mask.shape)[window], mask[window])
@@ -62,9 +69,7 @@ def shape_kinds(filled_outline: np.ndarray, drawn: np.ndarray) -> list[tuple[str
     for index, found in enumerate(ndimage.find_objects(labels), start=1):
         rows, cols = found
         box = (rows.start, rows.stop - 1, cols.start, cols.stop - 1)
-        h, w = filled_outline.shape
-        window = (slice(max(0, rows.start - WINDOW_MARGIN), min(h, rows.stop + WINDOW_MARGIN)),
-                  slice(max(0, cols.start - WINDOW_MARGIN), min(w, cols.stop + WINDOW_MARGIN)))
+        window = _window(rows, cols, filled_outline.shape)
         outlined, _ = _best_kind(labels == index, box, window)
         kind, match = _best_kind(drawn, box, window)
         pairs.append((outlined, kind if match >= MIN_MATCH_IOU else None))
@@ -87,8 +92,6 @@ def drawn_kind(drawn: np.ndarray) -> str | None:
     largest = 1 + int(np.argmax(ndimage.sum(drawn, labels, range(1, count + 1))))
     rows, cols = ndimage.find_objects(labels)[largest - 1]
     mask = labels == largest
-    h, w = mask.shape
-    window = (slice(max(0, rows.start - WINDOW_MARGIN), min(h, rows.stop + WINDOW_MARGIN)),
-              slice(max(0, cols.start - WINDOW_MARGIN), min(w, cols.stop + WINDOW_MARGIN)))
-    kind, match = _best_kind(mask, (rows.start, rows.stop - 1, cols.start, cols.stop - 1), window)
+    box = (rows.start, rows.stop - 1, cols.start, cols.stop - 1)
+    kind, match = _best_kind(mask, box, _window(rows, cols, mask.shape))
     return kind if match >= MIN_MATCH_IOU else None

@@ -13,7 +13,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from cnexp.errors import CnexpError
 from cnexp.fileio import AtomicFile
 from cnexp.run.signals import RunStopped
-from cnexp.storage import StorageError, free_space, storage_failure, what_failed
+from cnexp.storage import (StorageError, exception_chain, free_space, storage_failure,
+                           what_failed)
 
 
 class CheckpointError(CnexpError):
@@ -49,7 +50,9 @@ class SafeCheckpointIO(TorchCheckpointIO):
             with AtomicFile(path) as f:  # a partial file is removed: it would only hold the space
                 torch.save(checkpoint, f)
         except BaseException as err:
-            stop = _stop_in(err)  # a second Ctrl-C inside torch.save surfaces as its write error
+            # a second Ctrl-C inside torch.save surfaces as torch's write error around it
+            stop = next((e for e in exception_chain(err)
+                         if isinstance(e, (RunStopped, KeyboardInterrupt))), None)
             if stop is not None:
                 raise stop from None
             # a full disk: Python's OSError, or torch.save's RuntimeError around it
@@ -76,16 +79,6 @@ class SafeCheckpointIO(TorchCheckpointIO):
         if self.module is not None:
             check_state_dict(path, checkpoint["state_dict"], saved_shapes(self.module))
         return checkpoint
-
-
-def _stop_in(err: BaseException | None) -> BaseException | None:
-    seen = set()
-    while err is not None and id(err) not in seen:
-        seen.add(id(err))
-        if isinstance(err, (RunStopped, KeyboardInterrupt)):
-            return err
-        err = err.__cause__ or err.__context__
-    return None
 
 
 def _save_failure(path: Path, err: BaseException) -> str:

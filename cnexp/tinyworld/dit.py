@@ -165,7 +165,7 @@ def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 60
     losses = train_transformer(family, base, moments, captions, steps, batch, lr, seed)
     save(base, out)
     (out / "build_info.json").write_text(json.dumps({
-        "world": str(world), "n_images": n_images, "steps": steps, "batch": batch, "lr": lr,
+        "world": shown(world), "n_images": n_images, "steps": steps, "batch": batch, "lr": lr,
         "width": width, "layers": layers, "heads": heads, "seed": seed, "shift": SHIFT,
         "caption_dropout": CAPTION_DROPOUT, "transformer_parameters": params,
         "seconds": round(time.time() - start), "losses_every_100_steps": losses,
@@ -173,6 +173,14 @@ def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 60
         "cpu": cpu_name()}, indent=1))
     _log(f"saved to {out} in {time.time() - start:.0f}s")
     return out
+
+
+def shown(path: Path) -> str:
+    """A path as build_info.json records it: relative to the project where it is inside (no
+    builder's home directory in a shipped file)."""
+    root = WORLD.parents[1]
+    path = Path(path).resolve()
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def cpu_name() -> str:
