@@ -144,6 +144,9 @@ class CacheConfig:
     once before training; docs/gpu.md). Per image at 512 px: 128 KB of latent moments (fp32)."""
     latents: bool = True  # per-image posterior moments (needs data.crop=center)
     text: bool = True  # per-caption embeddings
+    # SD3, Flux: the conditions' latents too (their ControlNets read them; needs data.crop=center);
+    # the UNet families' control reads pixels: nothing to cache
+    conditions: bool = True
     store: CacheStore = CacheStore.disk
     dir: Optional[str] = None  # where the disk store keeps its shards; None: <paths.cache>/encoders
     # images per encoder call while filling (the fill's memory bound); not in the cache's key

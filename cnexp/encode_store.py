@@ -6,6 +6,7 @@
                       progress.json           how far that fill is: images done / total
                       shard-00000.json        written last: the shard is complete; rows, captions
                       shard-00000.moments.bin (rows, 2C, h, w) raw, dtype in the json
+                      shard-00000.conditions.bin  the conditions' moments (cache.conditions)
                       shard-00000.text.bin    (new captions, T, D) raw
 
 The key hashes everything the cached values depend on: the training items (dataset fingerprint:
@@ -36,7 +37,8 @@ import torch
 from filelock import Timeout
 from tqdm.auto import tqdm
 
-from cnexp.encode_cache import FrozenEncoderCache, chunks_of, encode_chunk, fill_batches
+from cnexp.encode_cache import (KINDS, Encoders, FrozenEncoderCache, chunks_of,
+                                fill_batches)
 from cnexp.fileio import AtomicFile, acquire, atomic_write, atomic_write_json, file_lock
 
 log = logging.getLogger("cnexp")
@@ -45,6 +47,9 @@ FORMAT = 2  # bump when the layout or the fill order changes (2: shards of SHARD
 SHARD_IMAGES = 1024  # rows per shard, whatever the fill batch
 WAIT_LOG_S = 30.0  # a job waiting on another's fill says how far it is this often
 PROGRESS_EVERY_S = 5.0  # the filler writes progress.json at most this often (and per shard)
+# each kind's moments in a shard: the json's field, the file's suffix
+META = {"images": "moments", "conditions": "conditions"}
+SUFFIX = {"images": ".moments.bin", "conditions": ".conditions.bin"}
 # numpy has no bfloat16: its bits are stored as uint16 and viewed back
 AS_NUMPY = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.uint16}
 
@@ -182,30 +187,37 @@ class DiskEncoderCache(FrozenEncoderCache):
     """FrozenEncoderCache whose filled values live in memory-mapped shards under `root`."""
 
     def __init__(self, root: str | Path, base_key: dict, latents: bool = True, text: bool = True,
-                 fill_batch: int = 64, fill_workers: int | str = "auto"):
-        super().__init__(latents, text, fill_batch, fill_workers)
+                 fill_batch: int = 64, fill_workers: int | str = "auto",
+                 conditions: bool = False):
+        super().__init__(latents, text, fill_batch, fill_workers, conditions)
         self.root, self.base_key = Path(root), base_key
         self.directory: Path | None = None
-        self.rows: dict[int, tuple[np.ndarray, int, torch.dtype]] = {}  # index -> (array, row)
+        # index -> (array, row, dtype), per kind; `rows`: the target images'
+        self.row_tables: dict[str, dict[int, tuple[np.ndarray, int, torch.dtype]]] = {
+            kind: {} for kind in KINDS}
+        self.rows = self.row_tables["images"]
         self.captions: dict[str, tuple[np.ndarray, int, torch.dtype]] = {}
 
     def key(self, dataset, device: torch.device) -> dict:
-        """What the values depend on; not the fill batch (nor the fill's workers)."""
+        """What the values depend on; not the fill batch (nor the fill's workers). Cached
+        conditions enter the key only when asked, so the UNet families' directories stay."""
         return {"format": FORMAT, "data": dataset.fingerprint(), **self.base_key,
-                "device": device.type, "latents": self.use_latents, "text": self.use_text}
+                "device": device.type, "latents": self.use_latents, "text": self.use_text,
+                **({"conditions": True} if self.use_conditions else {})}
 
     def directory_for(self, dataset, device: torch.device) -> Path:
         digest = hashlib.sha1(json.dumps(self.key(dataset, device), sort_keys=True).encode())
         return self.root / digest.hexdigest()[:20]
 
-    def stored_moments(self, index: int) -> torch.Tensor | None:
-        return self._read(self.rows.get(index))
+    def stored_moments(self, index: int, kind: str = "images") -> torch.Tensor | None:
+        return self._read(self.row_tables[kind].get(index))
 
     def stored_text(self, caption: str) -> torch.Tensor | None:
         return self._read(self.captions.get(caption))
 
-    def read_moments(self, indices: list[int]) -> tuple[torch.Tensor | None, list[int]]:
-        where = [self.rows.get(idx) for idx in indices]
+    def read_moments(self, indices: list[int],
+                     kind: str = "images") -> tuple[torch.Tensor | None, list[int]]:
+        where = [self.row_tables[kind].get(idx) for idx in indices]
         found = [p for p, w in enumerate(where) if w is not None]
         return (_gather(where, found) if found else None), found
 
@@ -223,19 +235,20 @@ class DiskEncoderCache(FrozenEncoderCache):
 
     @torch.no_grad()
     def precompute(self, dataset, encode_images, encode_text, device: torch.device,
-                   progress: bool = False) -> None:
+                   progress: bool = False, encode_conditions=None) -> None:
         """Open the shards of this dataset's key, filling the missing ones first."""
-        if not (self.use_latents or self.use_text):
+        if not self.wants_fill():
             return
         key = self.key(dataset, device)
         self.directory = self.directory_for(dataset, device)
         self.directory.mkdir(parents=True, exist_ok=True)
+        encoders = Encoders(encode_images, encode_text, encode_conditions)
         # concurrent first runs: one fills, the others wait (saying for whom) and then open it
         with fill_lock(self.directory):
-            self._fill(dataset, key, encode_images, encode_text, device, progress)
+            self._fill(dataset, key, encoders, device, progress)
         self.hits = self.misses = 0
 
-    def _fill(self, dataset, key, encode_images, encode_text, device, progress: bool) -> None:
+    def _fill(self, dataset, key, encoders: Encoders, device, progress: bool) -> None:
         directory = self.directory
         if not (directory / "key.json").exists():
             atomic_write(directory / "key.json", json.dumps(key, indent=1).encode())
@@ -259,47 +272,49 @@ class DiskEncoderCache(FrozenEncoderCache):
         with bar:
             for meta_path in metas:
                 if meta_path in spans:
-                    self._write_shard(batches, len(chunks[meta_path]), meta_path, encode_images,
-                                      encode_text, device, bar, progress_file)
+                    self._write_shard(batches, len(chunks[meta_path]), meta_path, encoders,
+                                      device, bar, progress_file)
                     progress_file.add(0, force=True)
                 self._open_shard(meta_path)
         log.info("encoder cache: %d images, %d captions in %s", len(self.rows),
                  len(self.captions), directory)
 
-    def _write_shard(self, batches, n_chunks: int, meta_path: Path, encode_images, encode_text,
+    def _write_shard(self, batches, n_chunks: int, meta_path: Path, encoders: Encoders,
                      device, bar, progress: "_ProgressFile") -> None:
         stem = meta_path.with_suffix("")
-        moments, text = _RawWriter(stem.with_suffix(".moments.bin")), \
-            _RawWriter(stem.with_suffix(".text.bin"))
+        # the images' file always (an empty one when not cached: the layout before conditions)
+        writers = {kind: _RawWriter(stem.with_suffix(SUFFIX[kind])) for kind in KINDS
+                   if kind == "images" or self.caches(kind)}
+        text = _RawWriter(stem.with_suffix(".text.bin"))
         rows, captions, seen = [], [], set()
 
         def known(caption: str) -> bool:  # in an earlier shard, or earlier in this one
             return caption in self.captions or caption in seen
 
         for _ in range(n_chunks):
-            images, indices, chunk_captions = next(batches)
-            values, new, embeds = encode_chunk(images, chunk_captions, known, encode_images,
-                                               encode_text, device, self.use_latents,
-                                               self.use_text)
-            if values is not None:
-                moments.append(values)
-            if embeds is not None:
-                text.append(embeds)
-            rows += indices
-            captions += new
-            seen.update(new)
-            bar.update(len(indices))
-            progress.add(len(indices))
-        meta = {"rows": rows, "captions": captions,
-                "moments": moments.commit(), "text": text.commit()}
+            chunk = next(batches)
+            encoded = self.encode(chunk, known, encoders, device)
+            for kind, values in encoded.moments.items():
+                if values is not None:
+                    writers[kind].append(values)
+            if encoded.embeddings is not None:
+                text.append(encoded.embeddings)
+            rows += chunk.indices
+            captions += encoded.new
+            seen.update(encoded.new)
+            bar.update(len(chunk.indices))
+            progress.add(len(chunk.indices))
+        meta = {"rows": rows, "captions": captions, "text": text.commit(),
+                **{META[kind]: writer.commit() for kind, writer in writers.items()}}
         atomic_write(meta_path, json.dumps(meta).encode())  # last: the shard is complete
 
     def _open_shard(self, meta_path: Path) -> None:
         meta = json.loads(meta_path.read_text())
-        moments = _open_raw(self.directory, meta["moments"])
-        if moments is not None:
-            self.rows.update((idx, (moments[0], row, moments[1]))
-                             for row, idx in enumerate(meta["rows"]))
+        for kind in KINDS:
+            moments = _open_raw(self.directory, meta.get(META[kind]))
+            if moments is not None:
+                self.row_tables[kind].update((idx, (moments[0], row, moments[1]))
+                                             for row, idx in enumerate(meta["rows"]))
         text = _open_raw(self.directory, meta["text"])
         if text is not None:
             self.captions.update((c, (text[0], row, text[1]))

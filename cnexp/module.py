@@ -47,6 +47,8 @@ class ControlNetModule(L.LightningModule):
         self.optim = optim
         self.seed = seed
         self.cache = cache or FrozenEncoderCache(latents=False, text=False)
+        # condition latents are cached only where the control reads latents (SD3, Flux)
+        self.cache.use_conditions = self.cache.use_conditions and self.family.control_reads_latents
         self.strict_loading = False  # checkpoints hold only the trainable part (see below)
         # trainer.compile: the training forward (frozen UNet and control branch together, so the
         # frozen UNet's normalisations and activations fuse too) goes through torch.compile;
@@ -54,6 +56,7 @@ class ControlNetModule(L.LightningModule):
         # too rarely to repay a compile
         self.compiled_predict = torch.compile(self.branch.predict) if compiled else None
         self._empty_text: torch.Tensor | None = None  # empty_prompt's memo
+        self._black_control: torch.Tensor | None = None  # black_control's memo
 
     # ---- the frozen base --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
@@ -80,13 +83,18 @@ class ControlNetModule(L.LightningModule):
         if train_set is not None:
             progress = self.trainer.progress_bar_callback is not None and \
                 self.trainer.is_global_zero
+            conditions = self._condition_moments if self.cache.use_conditions else None
             self.cache.precompute(train_set, self._vae_moments, self._text_encoder, self.device,
-                                  progress=progress)
+                                  progress=progress, encode_conditions=conditions)
         self._empty_text = None  # "" as the filled cache holds it, if it does
 
     @torch.no_grad()
     def _vae_moments(self, images: torch.Tensor) -> torch.Tensor:
         return self.family.latent_moments(self.base, images)  # (B, 2C, h, w)
+
+    @torch.no_grad()
+    def _condition_moments(self, conditions: torch.Tensor) -> torch.Tensor:
+        return self.family.latent_moments(self.base, conditions * 2 - 1)  # [0, 1] -> [-1, 1]
 
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor, generator: torch.Generator,
@@ -107,14 +115,18 @@ class ControlNetModule(L.LightningModule):
 
     # ---- the controlled model ---------------------------------------------------------------
     def controlled_prediction(self, noisy: torch.Tensor, t: torch.Tensor, text: torch.Tensor,
-                              condition: torch.Tensor, conditioning_scale: float = 1.0,
-                              training: bool = False) -> torch.Tensor:
+                              condition: torch.Tensor | None, conditioning_scale: float = 1.0,
+                              training: bool = False,
+                              control: torch.Tensor | None = None) -> torch.Tensor:
         """The frozen UNet steered by the control branch (its `predict`): what is trained.
-        training=True (the diffusion loss) runs the compiled forward under trainer.compile."""
+        `control`: what the control network reads, made already (else from the condition
+        pixels). training=True (the diffusion loss) runs the compiled forward under
+        trainer.compile."""
         compiled = training and self.compiled_predict is not None
         predict = self.compiled_predict if compiled else self.branch.predict
         cond = self.family.conditioning(self.base, text, noisy)  # the denoiser's text inputs
-        control = self.family.control_input(self.base, condition)  # pixels, or their latents
+        if control is None:
+            control = self.family.control_input(self.base, condition)  # pixels, or latents
         return predict(self.unet, self.controlnet, noisy, t, cond, control, conditioning_scale)
 
     def step_generator(self) -> torch.Generator:
@@ -167,6 +179,32 @@ class ControlNetModule(L.LightningModule):
         keep = self.draw(torch.rand, (len(conditions),), generator) >= self.optim.condition_dropout
         return conditions * keep.to(conditions.dtype).view(-1, 1, 1, 1)
 
+    def training_control(self, conditions: torch.Tensor, indices: list[int] | None,
+                         generator: torch.Generator) -> torch.Tensor:
+        """What the control network reads for a training batch, condition dropout applied: from
+        the cached condition latents where the cache holds them (SD3, Flux; a dropped one reads
+        as the black image's latents, as its zeroed pixels would), else from the pixels."""
+        if not self.cache.use_conditions:
+            dropped = self.drop_conditions(conditions, generator)  # (B, 3, H, W)
+            return self.family.control_input(self.base, dropped)
+        moments = self.cache.moments(self._condition_moments, conditions, indices, "conditions")
+        control = self.family.control_from_moments(self.base, moments)
+        if not self.optim.condition_dropout:
+            return control
+        keep = self.draw(torch.rand, (len(control),), generator) >= self.optim.condition_dropout
+        keep = keep.view(-1, *[1] * (control.dim() - 1))
+        return torch.where(keep, control, self.black_control(moments).to(control.dtype))
+
+    def black_control(self, moments: torch.Tensor) -> torch.Tensor:
+        """(1, ...): what the control network reads for a black condition (a dropped one) at
+        the size of the condition moments (B, 2C, h, w); encoded once (the VAE is frozen)."""
+        if self._black_control is None or self._black_control.device != self.device:
+            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+            h, w = moments.shape[-2:]
+            black = torch.zeros(1, 3, h * factor, w * factor, device=self.device)
+            self._black_control = self.family.control_input(self.base, black)
+        return self._black_control
+
     def diffusion_loss(self, batch: dict, generator: torch.Generator) -> torch.Tensor:
         """The family's objective on one batch; every draw from `generator`, in this order."""
         indices = batch.get("index")
@@ -179,8 +217,8 @@ class ControlNetModule(L.LightningModule):
         noise = self.draw(torch.randn, latents.shape, generator)  # (B, C, h, w)
         t = self.family.timesteps(self.base, self.draw, latents.shape[0], generator)  # (B,)
         noisy = self.family.noised(self.base, latents, noise, t)  # (B, C, h, w)
-        condition = self.drop_conditions(batch["condition"], generator)  # (B, 3, H, W)
-        pred = self.controlled_prediction(noisy, t, text, condition, training=True)
+        control = self.training_control(batch["condition"], indices, generator)
+        pred = self.controlled_prediction(noisy, t, text, None, training=True, control=control)
         pred = self.family.loss_prediction(self.base, pred, noisy, t)  # as the target reads it
         target = self.family.target(self.base, latents, noise, t)  # (B, C, h, w)
         return F.mse_loss(pred.float(), target.float())

@@ -33,7 +33,7 @@ from cnexp.progress import StepProgressBar
 from cnexp.quiet import quiet_weight_loading_bars
 from cnexp.run.checkpoint_io import SafeCheckpointIO
 from cnexp.run.checkpoints import RunCheckpoints
-from cnexp.run.context import apply_slurm_resources, is_rank_zero
+from cnexp.run.context import apply_slurm_resources, is_rank_zero, set_threads
 from cnexp.run.identity import run_identity
 from cnexp.run.log import RunLog
 from cnexp.run.naming import wandb_identity
@@ -86,9 +86,10 @@ def apply_speed_options(trainer_cfg, base, controlnet) -> None:
 
 def build_cache(cache_cfg, cache_root: str, base) -> FrozenEncoderCache:
     """The frozen-encoder cache that cache.* asks for (docs/gpu.md)."""
+    conditions = cache_cfg.conditions and get_family(base.family).control_reads_latents
     kwargs = dict(latents=cache_cfg.latents, text=cache_cfg.text, fill_batch=cache_cfg.fill_batch,
-                  fill_workers=cache_cfg.fill_workers)
-    if cache_cfg.store == "memory" or not (cache_cfg.latents or cache_cfg.text):
+                  fill_workers=cache_cfg.fill_workers, conditions=conditions)
+    if cache_cfg.store == "memory" or not (cache_cfg.latents or cache_cfg.text or conditions):
         return FrozenEncoderCache(**kwargs)
     # the base's part of the disk key: the encoders' weights (content, dtype) and tokenizer
     base_key = {name: tokenizer_digest(part) if name.startswith("tokenizer")
@@ -163,7 +164,7 @@ def build_run(cfg: DictConfig, signals: StopSignals | None = None) -> Run:
     device = resolve_device(cfg.trainer)  # trainer=auto: this machine's GPU or CPU, once
     if device.accelerator == "cpu" and isinstance(device.devices, int):
         # CPU processes share the cores: n processes on n cores must not each spawn n threads
-        torch.set_num_threads(max(1, torch.get_num_threads() // max(1, device.devices)))
+        set_threads(max(1, torch.get_num_threads() // max(1, device.devices)))
     frozen_dtype = resolve_frozen_dtype(cfg.trainer)
     if is_rank_zero():
         log.info(describe(device, frozen_dtype))

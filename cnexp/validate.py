@@ -49,6 +49,10 @@ def validate(cfg: DictConfig, warn: bool = True) -> None:
 
     family = get_family(OmegaConf.select(cfg, "base.family"))
     family.check(cfg.control)
+    if cfg.data.crop == "random" and cfg.cache.conditions and family.control_reads_latents:
+        fail("cache.conditions", f"is true with data.crop=random: base.family={family.name} "
+             "caches the conditions' latents, which would not match the random crops; set "
+             "cache.conditions=false or data.crop=center")
     family.branch(cfg.control.branch).check(cfg.control)
     resolve_frozen_dtype(cfg.trainer)  # an unknown dtype, or half without mixed precision
     from cnexp.run.context import is_rank_zero

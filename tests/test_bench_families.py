@@ -105,8 +105,10 @@ def test_the_t5_tokenizer_of_the_bench_bundle_fits_the_tiny_t5():
     assert bench_bundle("sdxl", ROOT / "nowhere", ROOT) == ROOT / "nowhere"  # read as it is
 
 
-@pytest.fixture(scope="module")
-def sdxl_loop(tmp_path_factory):
+@pytest.fixture(scope="module", params=["tiny_sdxl", "tiny_sd3"])
+def bare_loop(request, tmp_path_factory):
+    """The bare loop's parts and preloaded data on SDXL (pixels control) and on SD3 (cached
+    condition latents), half the conditions dropped."""
     from hydra.core.hydra_config import HydraConfig
 
     from cnexp.bench.bare import build_parts, compose_run, preload
@@ -117,9 +119,10 @@ def sdxl_loop(tmp_path_factory):
     # back after this file's tests, so that later tests in this worker find Hydra as it was
     before = HydraConfig.instance().cfg
     try:
-        cfg = compose_run(["base=tiny_sdxl", f"data.root={data}", "data.train_size=8",
+        cfg = compose_run([f"base={request.param}", f"data.root={data}", "data.train_size=8",
                            "data.val_size=2", "data.test_size=2", "data.batch_size=4",
-                           "trainer.max_steps=2", "trainer.log_every_n_steps=1"])
+                           "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+                           "optim.condition_dropout=0.5"])
         torch.manual_seed(cfg.seed)
         parts = build_parts(cfg)
         yield cfg, parts, preload(cfg, parts)
@@ -127,18 +130,27 @@ def sdxl_loop(tmp_path_factory):
         HydraConfig.instance().cfg = before
 
 
-def test_the_bare_loop_computes_cnexps_loss(sdxl_loop):
+def test_the_bare_loop_computes_cnexps_loss(bare_loop):
     """The limit is the same step: ControlNetModule.diffusion_loss on the same samples and
-    generator gives the bare loop's loss (encoders run on the batch there, preloaded here)."""
+    generator gives the bare loop's loss (encoders run on the batch there, preloaded here;
+    on SD3 both read the conditions' latents from a cache)."""
     from cnexp.bench.bare import step_loss
     from cnexp.data.dataset import TriplesDataset
     from cnexp.data.layout import open_sources
+    from cnexp.encode_cache import FrozenEncoderCache
     from cnexp.module import ControlNetModule
 
-    cfg, parts, data = sdxl_loop
-    module = ControlNetModule(parts.base, parts.control, cfg.optim, branch=parts.branch)
+    cfg, parts, data = bare_loop
+    cache = FrozenEncoderCache(latents=False, text=False, conditions=True)
+    module = ControlNetModule(parts.base, parts.control, cfg.optim, branch=parts.branch,
+                              cache=cache)
+    assert ("condition_moments" in data) == module.cache.use_conditions == (
+        cfg.base.family == "sd3")
     rows = [3, 0, 5, 6]
     dataset = TriplesDataset(open_sources(cfg.data, None)["train"], cfg.data.resolution)
+    if module.cache.use_conditions:
+        module.cache.precompute(dataset, module._vae_moments, module._text_encoder,
+                                torch.device("cpu"), encode_conditions=module._condition_moments)
     items = [dataset[i] for i in rows]
     batch = {"image": torch.stack([item["image"] for item in items]), "index": rows,
              "condition": torch.stack([item["condition"] for item in items]),
@@ -150,10 +162,10 @@ def test_the_bare_loop_computes_cnexps_loss(sdxl_loop):
     assert torch.allclose(ours, theirs, rtol=1e-4), (ours.item(), theirs.item())
 
 
-def test_a_round_of_the_bare_loop_trains_the_control_net(sdxl_loop):
+def test_a_round_of_the_bare_loop_trains_the_control_net(bare_loop):
     from cnexp.bench.bare import train
 
-    cfg, parts, data = sdxl_loop
+    cfg, parts, data = bare_loop
     before = [p.detach().clone() for p in parts.control.parameters() if p.requires_grad]
     losses = train(cfg, parts, data, steps=2)
     after = [p for p in parts.control.parameters() if p.requires_grad]

@@ -20,7 +20,8 @@ from cnexp.analysis.compare import main as compare_main
 from cnexp.analysis.runs import FAILED, OK, load_sweep
 from cnexp.errors import CnexpError
 from cnexp.overrides import JOB_DIR_NAME, job_stem, knob_diff, knobs_suffix
-from cnexp.run.context import SlurmSettingsError, apply_slurm_resources, split_threads
+from cnexp.run.context import (SlurmSettingsError, apply_slurm_resources, set_threads,
+                               split_threads)
 from cnexp.run.naming import wandb_identity
 from cnexp.run.record import RecordError, read_status
 from cnexp.run.resume import wanted_resume
@@ -63,6 +64,17 @@ def test_parallel_launcher_gives_each_job_its_share_of_the_cores():
     finally:
         HydraConfig.instance().cfg = None
         torch.set_num_threads(before)
+
+
+def test_threads_are_set_only_where_the_count_changes(monkeypatch):
+    """Setting torch's thread count at all slows this CPU build's attention (docs/performance.md):
+    a run whose count is already right leaves it alone."""
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    set_threads(torch.get_num_threads())
+    assert calls == []
+    set_threads(torch.get_num_threads() + 1)
+    assert calls == [torch.get_num_threads() + 1]
 
 
 @pytest.mark.parametrize("ablation, seed, overrides, knobs", [

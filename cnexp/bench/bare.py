@@ -77,7 +77,9 @@ def build_parts(cfg: DictConfig) -> Parts:
 @torch.no_grad()
 def preload(cfg: DictConfig, parts: Parts) -> dict:
     """Every training sample's VAE moments (N, 2C, h, w), condition (N, 3, H, W), the row of
-    its caption in `text` (U, T', D): each distinct caption encoded once; `empty`: "" (1, T', D)."""
+    its caption in `text` (U, T', D): each distinct caption encoded once; `empty`: "" (1, T', D).
+    Where cnexp caches the conditions' latents (cache.conditions on SD3, Flux), their moments
+    and the black image's control input too, so the loop's step does what cnexp's does."""
     from cnexp.data.dataset import TriplesDataset
     from cnexp.data.layout import open_sources
 
@@ -92,10 +94,15 @@ def preload(cfg: DictConfig, parts: Parts) -> dict:
     row = {caption: i for i, caption in enumerate(captions)}
     text = torch.cat([family.encode_text(base, captions[i:i + ENCODE_BATCH], device)
                       for i in range(0, len(captions), ENCODE_BATCH)])
-    return {"moments": moments, "text": text,
+    conditions = torch.stack([item["condition"] for item in items]).to(device)
+    data = {"moments": moments, "text": text,
             "rows": torch.tensor([row[item["caption"]] for item in items], device=device),
-            "conditions": torch.stack([item["condition"] for item in items]).to(device),
-            "empty": family.encode_text(base, [""], device)}
+            "conditions": conditions, "empty": family.encode_text(base, [""], device)}
+    if family.control_reads_latents and cfg.cache.conditions:
+        data["condition_moments"] = torch.cat([family.latent_moments(base, chunk * 2 - 1)
+                                               for chunk in conditions.split(ENCODE_BATCH)])
+        data["black"] = family.control_input(base, torch.zeros_like(conditions[:1]))
+    return data
 
 
 def draw_on(device: torch.device):
@@ -117,15 +124,30 @@ def step_loss(cfg: DictConfig, parts: Parts, data: dict, rows: torch.Tensor,
     noise = draw(torch.randn, latents.shape, generator)
     t = family.timesteps(base, draw, len(rows), generator)  # (B,)
     noisy = family.noised(base, latents, noise, t)
-    condition = data["conditions"][rows]
-    if cfg.optim.condition_dropout:
-        kept = draw(torch.rand, (len(rows),), generator) >= cfg.optim.condition_dropout
-        condition = condition * kept.to(condition.dtype).view(-1, 1, 1, 1)
     pred = parts.branch.predict(family.denoiser(base), parts.control, noisy, t,
                                 family.conditioning(base, text, noisy),
-                                family.control_input(base, condition), 1.0)
+                                control_of(cfg, parts, data, rows, generator), 1.0)
     pred = family.loss_prediction(base, pred, noisy, t)  # as the target reads it (SD3)
     return F.mse_loss(pred.float(), family.target(base, latents, noise, t).float())
+
+
+def control_of(cfg: DictConfig, parts: Parts, data: dict, rows: torch.Tensor,
+               generator: torch.Generator) -> torch.Tensor:
+    """What the control network reads for the samples `rows`, condition dropout drawn as cnexp
+    draws it (ControlNetModule.training_control)."""
+    family, base, draw = parts.family, parts.base, draw_on(parts.device)
+    dropout = cfg.optim.condition_dropout
+    kept = draw(torch.rand, (len(rows),), generator) >= dropout if dropout else None
+    if "condition_moments" not in data:
+        condition = data["conditions"][rows]
+        if kept is not None:
+            condition = condition * kept.to(condition.dtype).view(-1, 1, 1, 1)
+        return family.control_input(base, condition)
+    control = family.control_from_moments(base, data["condition_moments"][rows])
+    if kept is None:
+        return control
+    return torch.where(kept.view(-1, *[1] * (control.dim() - 1)), control,
+                       data["black"].to(control.dtype))
 
 
 def optimizer_for(cfg: DictConfig, parts: Parts) -> torch.optim.Optimizer:

@@ -160,9 +160,11 @@ class TriplesDataModule(L.LightningDataModule):
         sampler = ResumableShuffleSampler(len(self.datasets["train"]), batch, self.seed, consumed,
                                           rank, world)
         # the module's frozen-encoder cache holds every training image's latents (it fills
-        # before the first step): the loader then leaves the target images undecoded
+        # before the first step): the loader then leaves the target images undecoded, and the
+        # conditions too where their latents are cached (SD3, Flux)
         cache = getattr(getattr(trainer, "lightning_module", None), "cache", None)
         self.datasets["train"].latents_cached = bool(getattr(cache, "use_latents", False))
+        self.datasets["train"].conditions_cached = bool(getattr(cache, "use_conditions", False))
         return self._loader("train", sampler, batch // world)
 
     def val_dataloader(self) -> DataLoader:

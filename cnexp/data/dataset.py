@@ -45,6 +45,8 @@ class TriplesDataset(Dataset):
     `latents_cached` (set by the datamodule when the frozen-encoder cache holds every training
     image's latents): items carry an empty "image" and, where the source can read the condition
     alone (load_condition) and no annotator needs the image, the target image is not decoded.
+    `conditions_cached` (the cache holds the conditions' latents too: SD3, Flux): items carry an
+    empty "condition" as well, and nothing is decoded.
     """
 
     def __init__(self, source: Source, resolution: int, indices: list[int] | None = None,
@@ -53,7 +55,7 @@ class TriplesDataset(Dataset):
         self.source, self.resolution = source, resolution
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.train, self.random_crop, self.conditions = train, random_crop, conditions
-        self.latents_cached = False
+        self.latents_cached = self.conditions_cached = False
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -87,6 +89,8 @@ class TriplesDataset(Dataset):
     def item_and_captions(self, i: int) -> tuple[dict, list[str]]:
         """Item i and all of its sample's captions."""
         index = self.indices[i]
+        if self.latents_cached and self.conditions_cached and not self.random_crop:
+            return self._captions_only(index)
         alone = self._condition_alone(index) if self.latents_cached else None
         if alone is None:
             image, condition, sample = self.load_arrays(index)
@@ -111,19 +115,29 @@ class TriplesDataset(Dataset):
             item["outline"] = _to_tensor(outline[window]).div_(255.0)
         return item, captions
 
-    def fill_item(self, i: int, image: bool = True) -> dict:
-        """What the frozen-encoder cache's fill encodes of item i: the image as training sees it
-        uncached (center crop) unless image=False, and all captions; the condition is never
-        decoded and no random number is drawn."""
+    def _captions_only(self, index: int) -> tuple[dict, list[str]]:
+        """An item whose image and condition both stand as cached latents: nothing decoded."""
+        captions = self.source.captions(index) or [""]
+        pick = int(torch.randint(len(captions), ())) if self.train and len(captions) > 1 else 0
+        return {"condition": torch.empty(0), "image": torch.empty(0), "caption": captions[pick],
+                "index": index}, captions
+
+    def fill_item(self, i: int, image: bool = True, condition: bool = False) -> dict:
+        """What the frozen-encoder cache's fill encodes of item i: the image (unless image=False)
+        and the condition (if condition=True) as training sees them uncached (center crop), and
+        all captions; no random number is drawn."""
         index = self.indices[i]
+        item = {"index": index}
+        if condition:
+            alone = self._condition_alone(index)
+            pixels = alone[0] if alone is not None else self.load_arrays(index)[1]
+            item["condition"] = _to_tensor(_center(pixels, self.resolution)).div_(255.0)
         if not image:
-            return {"index": index, "captions": self.source.captions(index) or [""]}
+            return {**item, "captions": self.source.captions(index) or [""]}
         load = getattr(self.source, "load_image", self.source.load)
         sample = load(index)
         pixels = resize_shorter(sample.image, self.resolution)
-        top, left = crop_box(*pixels.shape[:2], self.resolution, None)
-        window = (slice(top, top + self.resolution), slice(left, left + self.resolution))
-        return {"image": _to_tensor(pixels[window]).div_(127.5).sub_(1.0), "index": index,
+        return {**item, "image": _to_tensor(_center(pixels, self.resolution)).div_(127.5).sub_(1.0),
                 "captions": sample.captions or [""]}
 
     def fingerprint(self) -> str:
@@ -149,6 +163,12 @@ class TriplesDataset(Dataset):
                     raise
                 bad.append(str(err))
         return kept, bad
+
+
+def _center(pixels: np.ndarray, resolution: int) -> np.ndarray:
+    """The center resolution x resolution window (training's crop without random_crop)."""
+    top, left = crop_box(*pixels.shape[:2], resolution, None)
+    return pixels[top:top + resolution, left:left + resolution]
 
 
 def _to_tensor(pixels: np.ndarray) -> torch.Tensor:

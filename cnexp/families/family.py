@@ -32,6 +32,9 @@ class BaseFamily:
     name: ClassVar[str]  # the value of base.family that selects it
     # sampling.guidance_scale is an input of the denoiser (Flux), not classifier-free guidance
     guidance_embedded: ClassVar[bool] = False
+    # the ControlNet reads the condition's VAE latents (SD3, Flux), not its pixels: the encoder
+    # cache can then hold them (cache.conditions)
+    control_reads_latents: ClassVar[bool] = False
 
     def build_tiny(self, directory: Path) -> None:
         """Save a random bundle of this family's shape, the size of diffusers' own tiny test
@@ -118,6 +121,11 @@ class BaseFamily:
         """The condition image (B, 3, H, W) in [0, 1] -> what the control network reads (the
         pixels for the UNet families; SD3's and Flux's ControlNets read its VAE latents)."""
         return condition
+
+    def control_from_moments(self, base: BaseBundle, moments: torch.Tensor) -> torch.Tensor:
+        """The condition's VAE posterior moments (B, 2C, h, w) -> what the control network reads
+        (control_reads_latents families: control_input without the VAE call)."""
+        raise NotImplementedError
 
     def predict(self, base: BaseBundle, noisy: torch.Tensor, t: torch.Tensor,
                 text: torch.Tensor) -> torch.Tensor:

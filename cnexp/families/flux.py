@@ -53,6 +53,7 @@ DEV_SCHEDULE = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=Tr
 class FluxFamily(BaseFamily):
     name = "flux"
     guidance_embedded = True
+    control_reads_latents = True
 
     def load(self, cfg: BaseConfig) -> BaseBundle:
         parts = load_parts(cfg, self, {
@@ -97,8 +98,10 @@ class FluxFamily(BaseFamily):
     @torch.no_grad()
     def control_input(self, base: BaseBundle, condition: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [0, 1] -> packed control latents (B, h/2 * w/2, 4C)."""
-        pixels = (condition * 2 - 1).to(base.vae.dtype)
-        mean = base.vae.encode(pixels).latent_dist.mean  # (B, C, h, w)
+        return self.control_from_moments(base, self.latent_moments(base, condition * 2 - 1))
+
+    def control_from_moments(self, base: BaseBundle, moments: torch.Tensor) -> torch.Tensor:
+        mean = moments.chunk(2, dim=1)[0]  # (B, C, h, w): the posterior mean
         return pack_latents(self.scale_latents(base, mean))
 
     # ---- the training objective ----------------------------------------------------------

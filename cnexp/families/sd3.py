@@ -63,6 +63,7 @@ class IndexedTokenizer:
 @register
 class StableDiffusion3Family(BaseFamily):
     name = "sd3"
+    control_reads_latents = True
 
     def load(self, cfg: BaseConfig) -> BaseBundle:
         parts = load_parts(cfg, self, {
@@ -177,9 +178,11 @@ class StableDiffusion3Family(BaseFamily):
         """(B, 3, H, W) in [0, 1] -> (B, C, h, w): its VAE latents (the posterior mean), shifted
         and scaled as the denoiser's latents. A dropped condition (zeros: black) reads as the
         latents of a black image, what the pipeline makes of a black control image."""
-        pixels = (condition * 2 - 1).to(base.vae.dtype)
-        mean = base.vae.encode(pixels).latent_dist.mean
-        return self.scale_latents(base, mean).to(condition.dtype)
+        return self.control_from_moments(base, self.latent_moments(base, condition * 2 - 1))
+
+    def control_from_moments(self, base: BaseBundle, moments: torch.Tensor) -> torch.Tensor:
+        mean = moments.chunk(2, dim=1)[0]  # (B, C, h, w)
+        return self.scale_latents(base, mean).float()
 
     def predict(self, base, noisy, t, text) -> torch.Tensor:
         return base.unet(hidden_states=noisy, timestep=t, return_dict=False,

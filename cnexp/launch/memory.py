@@ -41,7 +41,7 @@ denoiser's forward and its backward to the activations (2 x its forward: no weig
 the branch's forward and backward (3 x), one more forward of both under gradient checkpointing,
 the text encoders' forward (2 x weights x tokens) without cache.text, the VAE's encoder without
 cache.latents and, for the families whose control image is a latent (SD3, Flux), once more for
-the condition. Linear and Conv2d FLOPs are counted per layer at the run's shapes, attention as
+the condition without cache.conditions. Linear and Conv2d FLOPs are counted per layer at the run's shapes, attention as
 4 x queries x keys x width.
 """
 from __future__ import annotations
@@ -75,6 +75,7 @@ class Setting:
     eight_bit: bool
     cache_text: bool
     cache_latents: bool
+    cache_conditions: bool = True  # the condition's latents (families whose control reads them)
 
 
 @dataclass
@@ -104,7 +105,7 @@ def setting_of(cfg: DictConfig, world: int) -> tuple[Setting, str]:
     return Setting(max(1, cfg.data.batch_size // max(world, 1)), cfg.data.resolution,
                    frozen.itemsize, 2 if half else 4, bool(cfg.trainer.gradient_checkpointing),
                    bool(cfg.optim.eight_bit), bool(cfg.cache.text),
-                   bool(cfg.cache.latents)), precision
+                   bool(cfg.cache.latents), bool(cfg.cache.conditions)), precision
 
 
 def network_bytes(net: Network, checkpointing: bool, compute_bytes: int) -> float:
@@ -151,7 +152,8 @@ def flops_per_sample(g: Geometry, s: Setting) -> float:
         total += g.denoiser.flops + g.branch.flops
     if not s.cache_text:
         total += sum(g.text_flops.values())
-    encodes = (0 if s.cache_latents else 1) + (1 if g.latent_control else 0)
+    encodes = (0 if s.cache_latents else 1) + \
+        (1 if g.latent_control and not s.cache_conditions else 0)
     return total + encodes * g.vae_flops
 
 

@@ -188,7 +188,8 @@ def encoder_cache(cfg: DictConfig, base_dir: Optional[str], sizes: Optional[dict
     rows = tokens + (math.ceil(pooled / row_width) if pooled else 0)
     per_caption = rows * row_width * width
     channels, side = g.latent
-    per_image = 2 * channels * side * side * width if cfg.cache.latents else 0
+    conditions = bool(g.latent_control and cfg.cache.conditions)  # the condition's latents too
+    per_image = 2 * channels * side * side * width * (int(cfg.cache.latents) + int(conditions))
     share = ""
     if g.t5:  # T5-XXL's states: most of a cached SD3 or Flux prompt
         t5 = g.tokens[g.t5] * g.widths[g.t5] * width
@@ -196,7 +197,9 @@ def encoder_cache(cfg: DictConfig, base_dir: Optional[str], sizes: Optional[dict
             f"{t5 / 2 ** 20:.1f} MiB"
     text = f"text {rows}x{row_width} per caption ({per_caption / 2 ** 20:.2f} MiB{share})" \
         if cfg.cache.text else "text not cached"
-    latents = f"latents 2x{channels}x{side}x{side} per image" if cfg.cache.latents else \
+    kinds = " and ".join(k for k, on in (("image", cfg.cache.latents), ("condition", conditions))
+                         if on)
+    latents = f"latents 2x{channels}x{side}x{side} per {kinds}" if kinds else \
         "latents not cached"
     where = "on disk" if cfg.cache.store == "disk" else "in memory"
     if sizes is None:

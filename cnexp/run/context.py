@@ -50,6 +50,16 @@ def machine_info() -> dict[str, Any]:
     return {"cpus": cores, "torch_threads": torch.get_num_threads(), "gpu": gpu}
 
 
+def set_threads(n: int) -> None:
+    """torch.set_num_threads(n) only where it changes the count: on this project's CPU build
+    (torch 2.14.1) any call, even with the count already in force, leaves attention
+    (scaled_dot_product_attention) running at about one thread's speed (docs/performance.md)."""
+    import torch
+
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
 def split_threads() -> Optional[int]:
     """Give each of a parallel launcher's jobs cores // n_jobs torch threads (joblib: n_jobs)."""
     hydra = _hydra()
@@ -59,10 +69,8 @@ def split_threads() -> Optional[int]:
     cores = machine_info()["cpus"]
     if n_jobs < 0:  # joblib: -1 = one job per core, -2 = all but one, ...
         n_jobs = max(1, cores + 1 + n_jobs)
-    import torch
-
     threads = max(1, cores // n_jobs)
-    torch.set_num_threads(threads)
+    set_threads(threads)
     log.info("parallel sweep: %d jobs on %d cores -> %d torch thread(s) per job",
              n_jobs, cores, threads)
     return threads
