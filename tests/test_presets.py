@@ -123,6 +123,21 @@ def test_the_sd_study_preset_is_the_papers_arms_on_slurm():
     assert claims.trainer.max_steps == 400
 
 
+def test_the_unet_claims_sweep_has_ten_seeds_and_resumes_with_the_same_command():
+    """Issue 33: the claims whose measured effect needs at most 10 seeds get 10; a fixed sweep
+    directory and ckpt_path=auto make `python run.py +sweep=claims` continue where it stopped."""
+    from test_sweep import compose_with_hydra
+
+    from cnexp.analysis.claims import load_claims
+
+    cfg = compose_with_hydra(["+sweep=claims"])
+    assert str(cfg.hydra.sweep.dir) == "multirun/claims_study" and cfg.ckpt_path == "auto"
+    assert cfg.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
+    arms = set(cfg.hydra.sweeper.params["+ablation"].split(","))
+    claims = load_claims(ROOT / "experiments" / "claims_study" / "claims.yaml")
+    assert {c.arm for c in claims} | {c.reference for c in claims} <= arms
+
+
 def test_presets_compose_with_knob_overrides():
     cfg = compose_cfg(["+ablation=no_zero_conv", "optim.prompt_dropout=0"])
     assert cfg.control.connector_init == "gaussian" and cfg.optim.prompt_dropout == 0.0
