@@ -133,6 +133,9 @@ def test_the_unet_claims_sweep_has_ten_seeds_and_resumes_with_the_same_command()
     cfg = compose_with_hydra(["+sweep=claims"])
     assert str(cfg.hydra.sweep.dir) == "multirun/claims_study" and cfg.ckpt_path == "auto"
     assert cfg.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
+    small = compose_with_hydra(["+sweep=small_data"])  # its claims need 4-8 seeds: 10 too
+    assert small.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
+    assert str(small.hydra.sweep.dir) == "multirun/small_data_study" and small.ckpt_path == "auto"
     arms = set(cfg.hydra.sweeper.params["+ablation"].split(","))
     claims = load_claims(ROOT / "experiments" / "claims_study" / "claims.yaml")
     assert {c.arm for c in claims} | {c.reference for c in claims} <= arms
