@@ -199,9 +199,8 @@ class ControlNetModule(L.LightningModule):
         """(1, ...): what the control network reads for a black condition (a dropped one) at
         the size of the condition moments (B, 2C, h, w); encoded once (the VAE is frozen)."""
         if self._black_control is None or self._black_control.device != self.device:
-            factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
-            h, w = moments.shape[-2:]
-            black = torch.zeros(1, 3, h * factor, w * factor, device=self.device)
+            h, w = (side * self.base.latent_scale for side in moments.shape[-2:])
+            black = torch.zeros(1, 3, h, w, device=self.device)
             self._black_control = self.family.control_input(self.base, black)
         return self._black_control
 
