@@ -155,11 +155,20 @@ def test_the_bare_loop_computes_cnexps_loss(bare_loop):
     batch = {"image": torch.stack([item["image"] for item in items]), "index": rows,
              "condition": torch.stack([item["condition"] for item in items]),
              "caption": [item["caption"] for item in items]}
+    kept = {k: v.clone() for k, v in parts.control.state_dict().items()}
+    torch.manual_seed(0)  # non-zero outputs everywhere, so that a wrong control input shows
     with torch.no_grad():
+        for weight in parts.control.parameters():
+            weight.normal_(0, 0.3)
         ours = step_loss(cfg, parts, data, torch.tensor(rows), torch.Generator().manual_seed(11))
         theirs = module.diffusion_loss(batch, torch.Generator().manual_seed(11))
+        key = "condition_moments" if "condition_moments" in data else "conditions"
+        wrong = step_loss(cfg, parts, {**data, key: data[key].roll(1, 0)}, torch.tensor(rows),
+                          torch.Generator().manual_seed(11))  # each row another's condition
+    parts.control.load_state_dict(kept)  # the next test trains from the fixture's weights
     assert math.isfinite(ours.item()) and ours.item() > 0
     assert torch.allclose(ours, theirs, rtol=1e-4), (ours.item(), theirs.item())
+    assert not torch.allclose(ours, wrong, rtol=1e-4), (ours.item(), wrong.item())
 
 
 def test_a_round_of_the_bare_loop_trains_the_control_net(bare_loop):
