@@ -135,6 +135,9 @@ def test_the_unet_claims_sweep_has_ten_seeds_and_resumes_with_the_same_command()
     assert cfg.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
     small = compose_with_hydra(["+sweep=small_data"])  # its claims need 4-8 seeds: 10 too
     assert small.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
+    long = compose_with_hydra(["+sweep=low_lr_long"])  # its claims need 4-8 seeds: 10 too
+    assert long.hydra.sweeper.params["seed"] == ",".join(map(str, range(10)))
+    assert (long.hydra.sweep.dir, long.ckpt_path) == ("multirun/low_lr_long_study", "auto")
     assert str(small.hydra.sweep.dir) == "multirun/small_data_study" and small.ckpt_path == "auto"
     arms = set(cfg.hydra.sweeper.params["+ablation"].split(","))
     claims = load_claims(ROOT / "experiments" / "claims_study" / "claims.yaml")
