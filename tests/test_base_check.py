@@ -46,3 +46,20 @@ def test_the_command_samples_the_shipped_transformer_base(tmp_path):
     result = json.loads(out.read_text())
     assert result["real"]["kind_acc"] == 1.0
     assert 0 <= result["sampled"]["kind_acc"] <= 1 and 0 <= result["sampled"]["shape_iou"] < 1
+
+
+def test_a_swapped_caption_changes_only_the_named_word():
+    scene = Scene("red", (Shape("triangle", "black", 30, 30, 10),))
+    assert base_check.swapped_caption(scene, "kind") == "a black circle on a red background"
+    # the next colour that is not the background's: black wraps round past red to green
+    assert base_check.swapped_caption(scene, "colour") == "a green triangle on a red background"
+
+
+def test_word_sensitivity_reads_both_words_at_three_noise_levels():
+    from cnexp.data.check_cli import compose
+
+    change = base_check.word_sensitivity(compose(["base=tiny"]), base_check.one_shape_scenes(4))
+    assert list(change)[0] == "text" and len(change) == 4
+    for row in change.values():
+        assert row["kind"] > 0 and row["colour"] > 0
+        assert row["kind/colour"] == pytest.approx(row["kind"] / row["colour"])
