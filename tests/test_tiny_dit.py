@@ -76,3 +76,13 @@ def test_a_build_without_the_unet_base_names_the_fix(tmp_path):
     with pytest.raises(CnexpError, match="no vae, clip, tokenizer there; build the UNet base "
                                          r"first \(make tinyworld\)"):
         dit.build(tmp_path / "out", world=tmp_path / "nothing", steps=1)
+
+
+def test_save_every_keeps_the_base_as_it_was_at_those_steps(builds, tmp_path):
+    out = dit.build(tmp_path / "out", **TINY_BUILD, save_every=2)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-2"]  # the last is `out` itself
+    at_2, final = load_file(out / "step-2" / WEIGHTS), load_file(out / WEIGHTS)
+    assert any(not torch.equal(at_2[k], final[k]) for k in final)  # one more step moved it
+    same = load_file(builds[0] / WEIGHTS)  # saving on the way changes nothing at the end
+    assert all(torch.equal(same[k], final[k]) for k in final)
+    assert (out / "step-2" / "model_index.json").exists()

@@ -118,8 +118,9 @@ def train_step(family, base, moments, captions, empty, generator, batch: int) ->
 
 
 def train_transformer(family, base: BaseBundle, moments, captions, steps: int, batch: int,
-                      lr: float, seed: int) -> list[float]:
-    """Train base.unet in place; the loss's running mean every 100 steps (and the last)."""
+                      lr: float, seed: int, checkpoint=None) -> list[float]:
+    """Train base.unet in place; the loss's running mean every 100 steps (and the last).
+    `checkpoint(step)`, if given, is called after each step (it saves or not)."""
     transformer = base.unet.train().requires_grad_(True)
     opt = torch.optim.AdamW(transformer.parameters(), lr=lr, weight_decay=0.01)
     generator = torch.Generator().manual_seed(seed)
@@ -137,6 +138,8 @@ def train_transformer(family, base: BaseBundle, moments, captions, steps: int, b
         if step % 100 == 0 or step == steps - 1:
             losses.append(round(ema, 5))
             _log(f"transformer step {step} loss(ema) {ema:.4f}")
+        if checkpoint is not None:
+            checkpoint(step + 1)
     transformer.eval().requires_grad_(False)
     return losses
 
@@ -151,7 +154,9 @@ def save(base: BaseBundle, out: Path) -> None:
 
 def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 6000,
           batch: int = 32, lr: float = 1e-3, width: int = 64, layers: int = 4, heads: int = 4,
-          seed: int = 0) -> Path:
+          seed: int = 0, save_every: int = 0) -> Path:
+    """Train and save the base to `out`; with save_every, also every that many steps to
+    out/step-<N> (to read how the drawn kinds grow with training: base_check on each)."""
     start = time.time()
     vae, encoder, tokenizer = world_parts(world)
     torch.manual_seed(seed)  # the transformer's initial weights
@@ -162,7 +167,11 @@ def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 60
     moments = latent_moments(family, base, images)
     params = sum(p.numel() for p in transformer.parameters())
     _log(f"{n_images} scenes; transformer {params / 1e6:.2f}M parameters, {steps} steps")
-    losses = train_transformer(family, base, moments, captions, steps, batch, lr, seed)
+    def checkpoint(step: int) -> None:
+        if save_every and step % save_every == 0 and step < steps:
+            save(base, out / f"step-{step}")
+    losses = train_transformer(family, base, moments, captions, steps, batch, lr, seed,
+                               checkpoint)
     save(base, out)
     (out / "build_info.json").write_text(json.dumps({
         "world": shown(world), "n_images": n_images, "steps": steps, "batch": batch, "lr": lr,
@@ -204,13 +213,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--save-every", type=int, default=0,
+                        help="also save the base every N steps to <out>/step-N")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (the result depends on it in the last bits)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     try:
         build(args.out, args.world, args.images, args.steps, args.batch, args.lr, args.width,
-              args.layers, args.heads, args.seed)
+              args.layers, args.heads, args.seed, args.save_every)
     except CnexpError as err:
         raise SystemExit(f"error: {err}") from None
 
