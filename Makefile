@@ -25,5 +25,5 @@ test-fast: setup
 tinyworld: setup  # rebuild the shipped tiny base from scratch (~30 min on 2 CPU cores)
 	$(PYTHON) -m cnexp.tinyworld.build --out assets/tinyworld
 
-tinydit: setup  # the transformer base (SD3's shape) on assets/tinyworld's VAE and CLIP (~8 min on 2 CPU cores)
+tinydit: setup  # the transformer base (SD3's shape) on assets/tinyworld's VAE and CLIP (~23 min on 2 CPU cores)
 	$(PYTHON) -m cnexp.tinyworld.dit --out assets/tinydit

@@ -1,7 +1,7 @@
 """Build the tiny world's transformer base: SD3's shape (an MMDiT over 2x2 latent patches, a
 rectified flow) trained on the tiny world's scenes, for `base=tiny_dit`.
 
-    python -m cnexp.tinyworld.dit --out assets/tinydit   # ~8 min on 2 CPU cores
+    python -m cnexp.tinyworld.dit --out assets/tinydit   # ~23 min on 2 CPU cores
 
 It reuses the UNet base's trained parts (assets/tinyworld, `make tinyworld`) and trains only the
 transformer:
@@ -15,13 +15,13 @@ transformer:
   (128x128 latents): a large image keeps its layout visible under more noise, so the schedule
   moves towards high noise; the SD3 paper's rule sqrt(pixels / 256^2) is below 1 at 64 px.
 - transformer: SD3Transformer2DModel, 4 joint blocks 64 wide (4 heads of 16), 0.6M parameters,
-  trained 6000 steps of batch 32 at lr 1e-3 (cosine, 100 warmup) with the SD3 family's own
+  trained 15000 steps of batch 32 at lr 1e-3 (cosine, 100 warmup) with the SD3 family's own
   objective (cnexp.families.sd3: its text encoding, timesteps, noising, target and
   preconditioned prediction), as the ControlNet later trains against it; captions dropped to ""
   with probability 0.1 so classifier-free guidance works. It never sees a spatial condition: it
   places shapes at random. Each step attends over 64 image tokens and 32 CLIP tokens (no
-  rows where T5 would be: the family puts none for a bundle without T5): 0.077 s a step on 2
-  idle cores, 464 s in all (AMD EPYC with AVX-512, torch 2.14.1, 2026-12-07). At equal CPU
+  rows where T5 would be: the family puts none for a bundle without T5): 0.09 s a step on 2
+  cores, 1371 s in all (AMD EPYC with AVX-512, torch 2.14.1, 2026-12-07). At equal CPU
   time a 96-wide model and a 6-block one reached a higher validation loss in short runs.
 - Deterministic for a seed, a torch build and --threads.
 """
@@ -152,7 +152,7 @@ def save(base: BaseBundle, out: Path) -> None:
         text_encoder_3=None, tokenizer_3=None).save_pretrained(out)
 
 
-def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 6000,
+def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 15000,
           batch: int = 32, lr: float = 1e-3, width: int = 64, layers: int = 4, heads: int = 4,
           seed: int = 0, save_every: int = 0) -> Path:
     """Train and save the base to `out`; with save_every, also every that many steps to
@@ -206,7 +206,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("assets/tinydit"))
     parser.add_argument("--world", type=Path, default=WORLD, help="the UNet base to reuse")
     parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--steps", type=int, default=6000)
+    parser.add_argument("--steps", type=int, default=15000)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--width", type=int, default=64)
