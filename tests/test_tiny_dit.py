@@ -1,7 +1,9 @@
 """The tiny world's transformer base (cnexp/tinyworld/dit.py, base=tiny_dit): a build of a few
 steps is a bundle the SD3 family loads, on the UNet base's VAE and CLIP, that a ControlNet run
 trains on and samples through diffusers' SD3 ControlNet pipeline; two builds are identical."""
+import inspect
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from cnexp.tinyworld import dit
 
 TINY_BUILD = {"world": TINY, "n_images": 32, "steps": 3, "batch": 4}  # the shipped shape
 WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+BUILD = dit.build  # before any test replaces it
 
 
 @pytest.fixture(scope="module")
@@ -86,3 +89,18 @@ def test_save_every_keeps_the_base_as_it_was_at_those_steps(builds, tmp_path):
     same = load_file(builds[0] / WEIGHTS)  # saving on the way changes nothing at the end
     assert all(torch.equal(same[k], final[k]) for k in final)
     assert (out / "step-2" / "model_index.json").exists()
+
+
+def test_the_command_line_builds_the_shipped_recipe_and_passes_each_flag(monkeypatch, tmp_path):
+    called = []
+    monkeypatch.setattr(dit, "build", lambda **kwargs: called.append(kwargs))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: called.append({"threads": n}))
+    dit.main([])
+    assert called[0] == {"threads": 2}
+    assert called[1] == {"out": Path("assets/tinydit"), **dit.SHIPPED}
+    assert set(dit.SHIPPED) == set(inspect.signature(BUILD).parameters) - {"out"}
+    assert dit.SHIPPED["steps"] == 15000  # the build docs/tinyworld.md measures
+    dit.main(["--out", str(tmp_path), "--images", "7", "--steps", "9", "--lr", "0.5",
+              "--save-every", "3"])
+    assert {k: called[3][k] for k in ("out", "n_images", "steps", "lr", "save_every")} == {
+        "out": tmp_path, "n_images": 7, "steps": 9, "lr": 0.5, "save_every": 3}

@@ -28,6 +28,7 @@ transformer:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import platform
 import time
@@ -184,6 +185,11 @@ def build(out: Path, world: Path = WORLD, n_images: int = 10000, steps: int = 15
     return out
 
 
+# The shipped recipe, one source: the command line's defaults are build()'s.
+SHIPPED = {name: param.default for name, param in inspect.signature(build).parameters.items()
+           if param.default is not param.empty}
+
+
 def shown(path: Path) -> str:
     """A path as build_info.json records it: relative to the project where it is inside (no
     builder's home directory in a shipped file)."""
@@ -201,27 +207,24 @@ def cpu_name() -> str:
     return f"{names[0]} x{len(names)}" if names else platform.processor() or platform.machine()
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("assets/tinydit"))
-    parser.add_argument("--world", type=Path, default=WORLD, help="the UNet base to reuse")
-    parser.add_argument("--images", type=int, default=10000)
-    parser.add_argument("--steps", type=int, default=15000)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--width", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--save-every", type=int, default=0,
+    parser.add_argument("--world", type=Path, default=SHIPPED["world"],
+                        help="the UNet base to reuse")
+    parser.add_argument("--images", dest="n_images", metavar="N", type=int,
+                        default=SHIPPED["n_images"])
+    for name in ("steps", "batch", "width", "layers", "heads", "seed"):
+        parser.add_argument(f"--{name}", type=int, default=SHIPPED[name])
+    parser.add_argument("--lr", type=float, default=SHIPPED["lr"])
+    parser.add_argument("--save-every", type=int, default=SHIPPED["save_every"],
                         help="also save the base every N steps to <out>/step-N")
     parser.add_argument("--threads", type=int, default=2,
                         help="torch threads (the result depends on it in the last bits)")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    args = vars(parser.parse_args(argv))
+    torch.set_num_threads(args.pop("threads"))
     try:
-        build(args.out, args.world, args.images, args.steps, args.batch, args.lr, args.width,
-              args.layers, args.heads, args.seed, args.save_every)
+        build(**args)
     except CnexpError as err:
         raise SystemExit(f"error: {err}") from None
 
