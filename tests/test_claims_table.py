@@ -112,3 +112,27 @@ def test_side_by_side_pairs_the_same_test_across_stages_and_flags_a_different_ve
     assert main([f"unet={tmp_path / 'unet.csv'}", "--out", str(out), "--side-by-side",
                  "unet,transformer"]) == 2
     assert "no stage 'transformer'" in capsys.readouterr().err
+
+
+def test_readme_gets_the_compact_table_between_its_markers_and_keeps_the_rest(tmp_path, capsys):
+    stage_csv(tmp_path / "unet.csv", {"strong": [-0.10, -0.11, -0.09, -0.10]})
+    stage_csv(tmp_path / "dit.csv", {"strong": [0.03, -0.05, 0.01, -0.02]})
+    readme = tmp_path / "README.md"
+    readme.write_text("# Title\n\n<!-- side-by-side -->\n| old | table |\n"
+                      "<!-- /side-by-side -->\n\nProse after.\n")
+    args = [f"unet={tmp_path / 'unet.csv'}", f"dit={tmp_path / 'dit.csv'}", "--out",
+            str(tmp_path / "table"), "--no-figures", "--side-by-side", "unet,dit",
+            "--readme", str(readme), "--labels", "UNet,transformer"]
+    assert main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("# Title\n\n<!-- side-by-side -->\n| claim (arm vs its reference) "
+                           "| UNet: Δ, Holm verdict | transformer: Δ, Holm verdict |")
+    assert "| old | table |" not in text and text.endswith("<!-- /side-by-side -->\n\n"
+                                                          "Prose after.\n")
+    row = [line for line in text.splitlines() if line.startswith("| strong claim |")]
+    assert len(row) == 1 and f"**{REPRODUCED}** | " in row[0] and row[0].count("**") == 4
+    assert main(args) == 0 and readme.read_text() == text  # rewriting is idempotent
+    readme.write_text("no markers\n")
+    assert main(args) == 2
+    assert "put a line <!-- side-by-side -->" in capsys.readouterr().err
+    assert readme.read_text() == "no markers\n"

@@ -14,7 +14,9 @@ verdict count), claims.csv (a `stage` column first), claims.png (the forest plot
 claim on its own scale) and overview.png (every claim on one axis, in units of its detectable
 effect). `--side-by-side A,B` also writes side_by_side.md: each claim of stage A beside the claim
 of stage B that tests the same arm, reference, metric and step (the UNet's verdict beside the
-transformer's), with the Holm verdicts of the one table.
+transformer's), with the Holm verdicts of the one table; `--readme README.md` rewrites the
+compact form of it (claim, A's cell, B's cell; `--labels` names the columns) between the file's
+`<!-- side-by-side -->` and `<!-- /side-by-side -->` lines, so the headline is this command's.
 """
 from __future__ import annotations
 
@@ -99,29 +101,65 @@ def _cell(r: ClaimResult) -> str:
     return f"{interval(r)} **{holm}**" + (f" (raw: {r.verdict})" if r.verdict != holm else "")
 
 
-def side_by_side(results: list[ClaimResult], first: str, second: str) -> list[str]:
-    """Markdown lines: each claim of stage `first` beside the same test in stage `second`
-    (Δ ± CI and the Holm verdict of the one table, the raw one beside it where they differ),
-    and whether the Holm verdicts agree."""
+def matched(results: list[ClaimResult], first: str, second: str
+            ) -> list[tuple[ClaimResult, ClaimResult]]:
+    """Each claim of stage `first` with the claim of stage `second` that runs the same test."""
     stages = {r.stage for r in results}
     for name in (first, second):
         if name not in stages:
             raise ClaimsError(f"--side-by-side: no stage {name!r} (stages: "
                               f"{', '.join(sorted(stages))})")
     theirs = {_tested(r): r for r in results if r.stage == second}
+    return [(r, theirs[_tested(r)]) for r in results
+            if r.stage == first and _tested(r) in theirs]
+
+
+def side_by_side(results: list[ClaimResult], first: str, second: str) -> list[str]:
+    """Markdown lines: each claim of stage `first` beside the same test in stage `second`
+    (Δ ± CI and the Holm verdict of the one table, the raw one beside it where they differ),
+    and whether the Holm verdicts agree."""
     lines = [f"| claim | arm vs reference | metric | {first}: Δ ± CI, Holm verdict | "
              f"{second}: Δ ± CI, Holm verdict | same verdict |", "|---|---|---|---|---|---|"]
-    for r in (r for r in results if r.stage == first):
-        other = theirs.get(_tested(r))
-        if other is None:
-            continue
+    for r, other in matched(results, first, second):
         c = r.claim
         metric = f"`{c.metric}`" + (f" at step {c.step}" if c.step is not None else "")
         same = (r.holm_verdict or r.verdict) == (other.holm_verdict or other.verdict)
-        row = [c.claim.removeprefix(f"{first}: "), f"`{c.arm}` vs `{c.reference}`", metric,
+        row = [_short(r, first), f"`{c.arm}` vs `{c.reference}`", metric,
                _cell(r), _cell(other), "yes" if same else "**no**"]
         lines.append("| " + " | ".join(row) + " |")
     return lines
+
+
+def _short(r: ClaimResult, stage: str) -> str:
+    return r.claim.claim.removeprefix(f"{stage}: ")
+
+
+def headline(results: list[ClaimResult], first: str, second: str,
+             labels: tuple[str, str]) -> list[str]:
+    """The side-by-side table's compact form for a README: claim, and each stage's cell."""
+    lines = [f"| claim (arm vs its reference) | {labels[0]}: Δ, Holm verdict | "
+             f"{labels[1]}: Δ, Holm verdict |", "|---|---|---|"]
+    return lines + [f"| {_short(r, first)} | {_cell(r)} | {_cell(other)} |"
+                    for r, other in matched(results, first, second)]
+
+
+BEGIN, END = "<!-- side-by-side -->", "<!-- /side-by-side -->"
+
+
+def rewrite_block(path: Path, lines: list[str]) -> None:
+    """Replace what lies between the BEGIN and END lines of `path` (the rest kept as it was)."""
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ClaimsError(f"--readme {path}: cannot be read ({err.strerror})") from None
+    if BEGIN not in text or END not in text.split(BEGIN, 1)[1]:
+        raise ClaimsError(f"--readme {path}: put a line {BEGIN} before the table to rewrite "
+                          f"and a line {END} after it")
+    before, rest = text.split(BEGIN, 1)
+    after = rest.split(END, 1)[1]
+    new = path.with_name(path.name + ".tmp")  # written whole, then swapped in
+    new.write_text(before + "\n".join([BEGIN] + lines + [END]) + after)
+    new.replace(path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-figures", action="store_true")
     parser.add_argument("--side-by-side", metavar="A,B",
                         help="also write side_by_side.md: stage A's claims beside stage B's")
+    parser.add_argument("--readme", type=Path, metavar="PATH",
+                        help="with --side-by-side: rewrite its compact table in PATH between "
+                             f"the lines {BEGIN} and {END}")
+    parser.add_argument("--labels", metavar="A,B",
+                        help="the --readme table's column names (default: the stage names)")
     args = parser.parse_args(argv)
     try:
         stages = [parse_stage(s) for s in args.stages]
@@ -140,15 +183,27 @@ def main(argv: list[str] | None = None) -> int:
         if pair is not None and len(pair) != 2:
             raise ClaimsError(f"--side-by-side {args.side_by_side}: name two stages, A,B")
         compared = side_by_side(results, *pair) if pair else None
+        if args.readme is not None:
+            if pair is None:
+                raise ClaimsError("--readme: name the two stages with --side-by-side A,B")
+            labels = args.labels.split(",") if args.labels else pair
+            if len(labels) != 2:
+                raise ClaimsError(f"--labels {args.labels}: name two columns, A,B")
+            rewrite_block(args.readme, headline(results, *pair, tuple(labels)))
     except ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     options = ("--side-by-side", args.side_by_side) if pair else ()
+    if args.readme is not None:
+        options += ("--readme", str(args.readme)) + (("--labels", args.labels)
+                                                      if args.labels else ())
     path = write_table(results, stages, args.out, args.level, not args.no_figures, options)
     print(f"{verdict_counts(results)}\nwrote {path}")
     if compared is not None:
         (args.out / "side_by_side.md").write_text("\n".join(compared) + "\n")
         print(f"wrote {args.out / 'side_by_side.md'}")
+    if args.readme is not None:
+        print(f"rewrote the side-by-side table in {args.readme}")
     return 0
 
 
