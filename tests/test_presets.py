@@ -188,7 +188,7 @@ def test_the_transformer_claims_sweep_runs_every_arm_its_claims_file_names_on_ti
     assert (cfg.base.name, cfg.base.family) == ("tiny_dit", "sd3")
     assert str(cfg.hydra.sweep.dir) == "multirun/claims_dit_study" and cfg.ckpt_path == "auto"
     arms = set(cfg.hydra.sweeper.params["+ablation"].split(","))
-    assert cfg.hydra.sweeper.params["seed"] == "0,1,2,3,4"
+    assert cfg.hydra.sweeper.params["seed"] == "0,1,2,3,4,5,6,7,8,9"
     claims = load_claims(ROOT / "experiments" / "transformer_study" / "claims.yaml")
     assert {c.arm for c in claims} | {c.reference for c in claims} <= arms
     unet = load_claims(ROOT / "experiments" / "claims_study" / "claims.yaml")
