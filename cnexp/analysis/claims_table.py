@@ -146,8 +146,8 @@ def headline(results: list[ClaimResult], first: str, second: str,
 BEGIN, END = "<!-- side-by-side -->", "<!-- /side-by-side -->"
 
 
-def rewrite_block(path: Path, lines: list[str]) -> None:
-    """Replace what lies between the BEGIN and END lines of `path` (the rest kept as it was)."""
+def around_block(path: Path) -> tuple[str, str]:
+    """What lies before the BEGIN line of `path` and after its END line, or ClaimsError."""
     try:
         text = path.read_text()
     except OSError as err:
@@ -156,9 +156,13 @@ def rewrite_block(path: Path, lines: list[str]) -> None:
         raise ClaimsError(f"--readme {path}: put a line {BEGIN} before the table to rewrite "
                           f"and a line {END} after it")
     before, rest = text.split(BEGIN, 1)
-    after = rest.split(END, 1)[1]
+    return before, rest.split(END, 1)[1]
+
+
+def rewrite_block(path: Path, around: tuple[str, str], lines: list[str]) -> None:
+    """`path` with `lines` between its BEGIN and END lines, the rest as it was."""
     new = path.with_name(path.name + ".tmp")  # written whole, then swapped in
-    new.write_text(before + "\n".join([BEGIN] + lines + [END]) + after)
+    new.write_text(around[0] + "\n".join([BEGIN] + lines + [END]) + around[1])
     new.replace(path)
 
 
@@ -189,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             labels = args.labels.split(",") if args.labels else pair
             if len(labels) != 2:
                 raise ClaimsError(f"--labels {args.labels}: name two columns, A,B")
-            rewrite_block(args.readme, headline(results, *pair, tuple(labels)))
+            # checked before anything is written; the README is rewritten last
+            readme = around_block(args.readme), headline(results, *pair, tuple(labels))
     except ClaimsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -203,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
         (args.out / "side_by_side.md").write_text("\n".join(compared) + "\n")
         print(f"wrote {args.out / 'side_by_side.md'}")
     if args.readme is not None:
+        rewrite_block(args.readme, *readme)
         print(f"rewrote the side-by-side table in {args.readme}")
     return 0
 
